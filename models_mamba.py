@@ -1,0 +1,241 @@
+"""Vision Mamba (Vim) with Famba-V cross-layer token fusion, registered with timm.
+
+    import models_mamba, timm
+    model = timm.create_model("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+                              num_classes=100, fusion_strategy="upper", fusion_layer=4, fusion_token=8)
+
+Parameter names and shapes are Vim's, so an official Vim checkpoint's "model" dict loads with strict=True.
+Layer i (of 24, run one after another) with residual stream r and hidden h:
+    r = h_embedded (i = 0) or r + drop_path(h);  h = RMSNorm(r);  [fuse tokens of h and r];  h = mixer(h)
+then logits = head(RMSNorm(r + drop_path(h))[class token]). The mixer is bimamba v2 (ssm_ops.py).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
+from timm.models import register_model
+
+import ssm_ops
+import token_fusion
+
+CLS_POSITIONS = ("head", "middle")
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) image -> (B, M, D) patch tokens by a strided convolution."""
+
+    def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, embed_dim=192):
+        super().__init__()
+        side = (img_size - patch_size) // stride + 1
+        if side < 1:
+            raise ValueError(f"img_size={img_size} is smaller than patch_size={patch_size}")
+        self.img_size, self.grid_size, self.num_patches = img_size, (side, side), side * side
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+
+    def forward(self, x):
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class BiMamba(nn.Module):
+    """Vim's bidirectional Mamba mixer (bimamba v2, divide-by-2): (B, L, D) -> (B, L, D).
+
+    Each direction has its own conv1d / x_proj / dt_proj / A_log / D (the ``_b`` twins run on the sequence
+    flipped along L); in_proj and out_proj are shared. The math is in ssm_ops.py.
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4,
+                 backend="auto"):
+        super().__init__()
+        d_inner = expand * d_model
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, math.ceil(d_model / 16)
+        self.backend = backend
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
+        for suffix in ("", "_b"):
+            self.add_module("conv1d" + suffix, nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner,
+                                                         padding=d_conv - 1))
+            self.add_module("x_proj" + suffix, nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False))
+            self.add_module("dt_proj" + suffix, nn.Linear(self.dt_rank, d_inner, bias=True))
+            self.register_parameter("A" + suffix + "_log", nn.Parameter(A_log.clone()))
+            self.register_parameter("D" + suffix, nn.Parameter(torch.ones(d_inner)))
+        # Forward direction only (as in Vim): dt_proj drawn so that softplus(bias) is log-uniform in
+        # [dt_min, dt_max]; the backward twin keeps PyTorch's Linear init and has its bias zeroed later.
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+    def forward(self, hidden):
+        b, l, _ = hidden.shape
+        # (2E, B*L) -> (B, 2E, L) with unit stride along L, the layout the kernels read.
+        xz = (self.in_proj.weight @ hidden.reshape(b * l, -1).t()).view(-1, b, l).permute(1, 0, 2)
+        return ssm_ops.bimamba_inner(
+            xz,
+            torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1),
+            torch.cat([self.conv1d.bias, self.conv1d_b.bias]),
+            torch.stack([self.x_proj.weight, self.x_proj_b.weight]),
+            torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]),
+            torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+            -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
+            torch.cat([self.D, self.D_b]).float(),
+            self.out_proj.weight,
+            self.backend,
+        )
+
+
+class Block(nn.Module):
+    """Add + RMSNorm, optional token fusion of both streams, mixer."""
+
+    def __init__(self, dim, mixer, drop_path, fusion_r, fusion_order, fusion_mode):
+        super().__init__()
+        self.mixer, self.norm = mixer, RMSNorm(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fusion_r, self.fusion_order, self.fusion_mode = fusion_r, fusion_order, fusion_mode
+
+    def forward(self, hidden, residual, cls_index, size):
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        hidden = self.norm(residual)
+        if self.fusion_r:
+            hidden, residual, cls_index, size = token_fusion.fuse(
+                hidden, residual, self.fusion_r, cls_index, size, self.fusion_order, self.fusion_mode)
+        return self.mixer(hidden), residual, cls_index, size
+
+
+class VisionMamba(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, stride=None, depth=24, embed_dim=192, d_state=16, in_chans=3,
+                 num_classes=1000, drop_rate=0., drop_path_rate=0.1, cls_position="head",
+                 fusion_strategy="no", fusion_layer=0, fusion_token=0, fusion_order="released",
+                 fusion_mode="mean", ssm_backend="auto"):
+        super().__init__()
+        if cls_position not in CLS_POSITIONS:
+            raise ValueError(f"cls_position must be one of {CLS_POSITIONS}, got {cls_position!r}")
+        if fusion_order not in token_fusion.ORDERS:
+            raise ValueError(f"fusion_order must be one of {token_fusion.ORDERS}, got {fusion_order!r}")
+        if fusion_mode not in token_fusion.MODES:
+            raise ValueError(f"fusion_mode must be one of {token_fusion.MODES}, got {fusion_mode!r}")
+        ssm_ops.check_backend(ssm_backend)
+        self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride or patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_index_init = 0 if cls_position == "head" else num_patches // 2
+        self.fusion = dict(strategy=fusion_strategy, layer=fusion_layer, token=fusion_token,
+                           order=fusion_order, mode=fusion_mode)
+        self.requested_per_layer = token_fusion.fusion_schedule(fusion_strategy, fusion_layer, fusion_token, depth)
+        self.removed_per_layer, self.tokens_per_layer = token_fusion.cap_schedule(
+            self.requested_per_layer, num_patches + 1)
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        layer_drop = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()  # Vim: layer i drops the
+        self.layers = nn.ModuleList([                                           # output of layer i-1
+            Block(embed_dim, BiMamba(embed_dim, d_state, backend=ssm_backend), layer_drop[i],
+                  self.removed_per_layer[i], fusion_order, fusion_mode)
+            for i in range(depth)])
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RMSNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        trunc_normal_(self.pos_embed, std=.02)
+        trunc_normal_(self.cls_token, std=.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                nn.init.zeros_(m.bias)
+        for layer in self.layers:  # residual-branch output scaled by 1/sqrt(depth), as GPT-2 / Mamba
+            w = layer.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            with torch.no_grad():
+                w /= math.sqrt(self.depth)
+
+    def no_weight_decay(self):
+        skip = {"pos_embed", "cls_token"}
+        return skip | {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "D", "D_b")}
+
+    def fusion_summary(self):
+        """What the fusion settings do to this model (JSON-able)."""
+        tokens = self.patch_embed.num_patches + 1
+        return {
+            **self.fusion,
+            "strategy": token_fusion._ALIASES.get(self.fusion["strategy"], self.fusion["strategy"]),
+            "tokens_in": tokens,
+            "requested_per_layer": self.requested_per_layer,
+            "removed_per_layer": self.removed_per_layer,
+            "fused_layers": [i for i, r in enumerate(self.removed_per_layer) if r],
+            "tokens_per_layer": self.tokens_per_layer,
+            "tokens_removed_total": sum(self.removed_per_layer),
+            "token_layer_fraction": sum(self.tokens_per_layer) / (tokens * self.depth),
+        }
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)
+        i = self.cls_index_init
+        x = torch.cat([x[:, :i], self.cls_token.expand(x.shape[0], -1, -1), x[:, i:]], dim=1)
+        hidden, residual, cls_index, size = self.pos_drop(x + self.pos_embed), None, i, None
+        for layer in self.layers:
+            hidden, residual, cls_index, size = layer(hidden, residual, cls_index, size)
+        hidden = self.norm_f(residual + self.drop_path(hidden))
+        if isinstance(cls_index, int):
+            return hidden[:, cls_index]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), cls_index]
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def _create(pretrained, kwargs, **arch):
+    if pretrained:
+        raise ValueError("no pretrained Vim weights can be downloaded here: load a checkpoint with --finetune")
+    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    return VisionMamba(**{**arch, **kwargs})
+
+
+@register_model
+def vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(pretrained=False, **kwargs):
+    return _create(pretrained, kwargs, patch_size=16, embed_dim=192, depth=24)
+
+
+@register_model
+def vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(pretrained=False,
+                                                                                             **kwargs):
+    return _create(pretrained, kwargs, patch_size=16, stride=8, embed_dim=192, depth=24)
+
+
+@register_model
+def vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(pretrained=False, **kwargs):
+    return _create(pretrained, kwargs, patch_size=16, embed_dim=384, depth=24)
+
+
+@register_model
+def vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(pretrained=False,
+                                                                                              **kwargs):
+    return _create(pretrained, kwargs, patch_size=16, stride=8, embed_dim=384, depth=24)
+
+
+@register_model
+def vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2(pretrained=False,
+                                                                                            **kwargs):
+    return _create(pretrained, kwargs, patch_size=16, embed_dim=768, depth=24)

@@ -1,0 +1,221 @@
+"""Kernel dispatch for Vim's bidirectional Mamba mixer ("bimamba v2", outputs divided by 2).
+
+One narrow function, two implementations:
+
+    bimamba_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend) -> (B, L, Dm)
+
+* ``torch``: a pure-PyTorch reference written from the recurrence (any device, any dtype, plain autograd).
+* ``cuda``: mamba-ssm's selective-scan and causal-conv1d kernels inside one autograd Function. Both scan
+  directions run in one kernel call (the scan's grouped-B/C mode, one group per direction), and the conv
+  output and delta are recomputed in the backward pass instead of being stored, as mamba-ssm's own
+  ``mamba_inner_fn`` does; so a layer keeps only xz, the pre-gate scan output, the small x_proj output and
+  the scan's chunk states for its backward pass.
+
+Math (spec section 6), with the parameters of the two directions stacked along the channel axis
+(forward direction first, E channels each):
+    x, z   = xz[:, :E], xz[:, E:]                                       # (B, E, L)
+    xs, zs = [x ; flip(x)], [z ; flip(z)]                               # (B, 2E, L)
+    u      = SiLU(causal depthwise conv(xs, conv_w, conv_b))            # kernel W, left padding W-1
+    [dt_low | B | C] = x_proj_w[g] @ u[g]                               # per direction g
+    delta  = softplus(dt_proj_w[g] @ dt_low + dt_bias);  A = -exp(A_log)
+    h_t    = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = C_t . h_t + D u_t;  y = y * SiLU(zs)
+    out    = out_proj_w @ (y[:, :E] + flip(y[:, E:])) / 2
+
+Nothing of mamba-ssm or causal-conv1d is imported on a machine without them.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:  # CUDA-only packages; the reference path needs neither.
+    import selective_scan_cuda
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+    KERNELS_AVAILABLE = True
+except ImportError:
+    KERNELS_AVAILABLE = False
+
+BACKENDS = ("auto", "cuda", "torch")
+INSTALL_HINT = ("pip install causal-conv1d mamba-ssm --no-build-isolation (versions matching your torch and CUDA; "
+                "see README 'Install')")
+_warned_no_kernels = False
+
+
+def check_backend(name):
+    """Validate an ``ssm_backend`` setting at model construction."""
+    if name not in BACKENDS:
+        raise ValueError(f"ssm_backend must be one of {BACKENDS}, got {name!r}")
+    if name == "cuda" and not KERNELS_AVAILABLE:
+        raise ValueError("ssm_backend='cuda' needs the mamba-ssm and causal-conv1d CUDA kernels, which are not "
+                         f"importable here. Install them ({INSTALL_HINT}) or use ssm_backend='torch'.")
+
+
+def resolve_backend(name, tensor):
+    """'cuda' or 'torch' for an input tensor; 'auto' takes the kernels on CUDA tensors when installed."""
+    global _warned_no_kernels
+    if name == "torch":
+        return "torch"
+    if name == "cuda":
+        if not tensor.is_cuda:
+            raise RuntimeError(f"ssm_backend='cuda' needs CUDA tensors, got a tensor on {tensor.device}")
+        return "cuda"
+    if tensor.is_cuda and not KERNELS_AVAILABLE:
+        if not _warned_no_kernels:
+            warnings.warn("\n" + "!" * 80 + "\nRunning Vision Mamba on CUDA WITHOUT the mamba-ssm / causal-conv1d "
+                          "kernels: the pure-PyTorch selective scan is a slow Python loop over tokens and stores "
+                          f"every state. Install the kernels: {INSTALL_HINT}\n" + "!" * 80, stacklevel=3)
+            _warned_no_kernels = True
+        return "torch"
+    return "cuda" if tensor.is_cuda else "torch"
+
+
+# ----------------------------------------------------------------------------- reference implementation
+
+def causal_conv1d_ref(x, weight, bias):
+    """SiLU(causal depthwise conv). x: (B, D, L); weight: (D, W); bias: (D,) -> (B, D, L)."""
+    width = weight.shape[-1]
+    y = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype), padding=width - 1, groups=x.shape[1])
+    return F.silu(y[..., :x.shape[-1]])
+
+
+def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias):
+    """The selective scan, step by step, in float32 (or float64 for float64 inputs).
+
+    u, delta, z: (Bt, Dc, L); A: (Dc, N); B, C: (Bt, G, N, L), channel d uses group d // (Dc // G);
+    D, delta_bias: (Dc,). delta is passed through softplus(delta + delta_bias); the output is gated by
+    SiLU(z) unless z is None. Returns (Bt, Dc, L) in u's dtype.
+    """
+    dtype = u.dtype
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    u = u.to(ct)
+    delta = F.softplus(delta.to(ct) + delta_bias.to(ct)[:, None])
+    per_group = u.shape[1] // B.shape[1]
+    Bx = B.to(ct).repeat_interleave(per_group, dim=1)  # (Bt, Dc, N, L)
+    Cx = C.to(ct).repeat_interleave(per_group, dim=1)
+    decay = torch.exp(delta.unsqueeze(2) * A.to(ct).unsqueeze(-1))  # (Bt, Dc, N, L)
+    drive = (delta * u).unsqueeze(2) * Bx
+    h = torch.zeros_like(decay[..., 0])
+    ys = []
+    for t in range(u.shape[-1]):
+        h = decay[..., t] * h + drive[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1) + u * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y.to(dtype)
+
+
+def _both_directions(t):
+    """(B, 2E, L) [a ; b] -> ([a ; flip(a)], [b ; flip(b)]), each (B, 2E, L) contiguous."""
+    a, b = t.chunk(2, dim=1)
+    return torch.cat([a, a.flip(-1)], 1), torch.cat([b, b.flip(-1)], 1)
+
+
+def _merge_directions(y):
+    """(B, 2E, L) [forward ; backward-in-flipped-order] -> (B, E, L) = (forward + flip(backward)) / 2."""
+    fwd, bwd = y.chunk(2, dim=1)
+    return (fwd + bwd.flip(-1)) * 0.5
+
+
+def _project(u, x_proj_w, dt_proj_w, d_state):
+    """u: (B, 2E, L) -> x_dbl (B, 2, R+2N, L), delta (B, 2E, L) before bias/softplus, B and C (B, 2, N, L)."""
+    b, e2, l = u.shape
+    x_dbl = torch.matmul(x_proj_w, u.view(b, 2, e2 // 2, l))
+    return (x_dbl,) + _split_x_dbl(x_dbl, dt_proj_w, d_state)
+
+
+def _split_x_dbl(x_dbl, dt_proj_w, d_state):
+    b, _, k, l = x_dbl.shape
+    rank = k - 2 * d_state
+    delta = torch.matmul(dt_proj_w, x_dbl[:, :, :rank]).reshape(b, -1, l)
+    return delta, x_dbl[:, :, rank:rank + d_state].contiguous(), x_dbl[:, :, rank + d_state:].contiguous()
+
+
+def bimamba_inner_ref(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w):
+    """Reference bimamba v2 inner function; shapes as in the module docstring:
+    xz (B, 2E, L), conv_w (2E, W), conv_b (2E), x_proj_w (2, R+2N, E), dt_proj_w (2, E, R), dt_bias (2E),
+    A (2E, N), D (2E), out_proj_w (Dm, E) -> (B, L, Dm)."""
+    xs, zs = _both_directions(xz)
+    u = causal_conv1d_ref(xs, conv_w, conv_b)
+    _, delta, Bm, Cm = _project(u, x_proj_w, dt_proj_w, A.shape[-1])
+    y = selective_scan_ref(u, delta, A, Bm, Cm, D, zs, dt_bias)
+    return F.linear(_merge_directions(y).transpose(1, 2), out_proj_w)
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+# Thin wrappers with the kernels' calling conventions; tests swap them for emulations built on the
+# reference to check the Function's plumbing on the CPU.
+
+def _conv_fwd(x, weight, bias):
+    return causal_conv1d_fwd_function(x, weight, bias, None, None, None, True)
+
+
+def _conv_bwd(x, weight, bias, dout):
+    dx, dweight, dbias, _ = causal_conv1d_bwd_function(x, weight, bias, dout, None, None, None, None, False, True)
+    return dx, dweight, dbias
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias):
+    """-> (out before gating, chunk states, out * SiLU(z))."""
+    out, states, out_z = selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, True)
+    return out, states, out_z
+
+
+def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out):
+    """-> (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, recomputed out_z)."""
+    return selective_scan_cuda.bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out, None, True, True)
+
+
+class BiMambaInnerFn(torch.autograd.Function):
+    """bimamba_inner_ref with kernels, both directions in one scan call, conv output and delta recomputed."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w):
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+            xz, x_proj_w, dt_proj_w, out_proj_w = (t.to(dtype) for t in (xz, x_proj_w, dt_proj_w, out_proj_w))
+        xs, zs = _both_directions(xz)
+        u = _conv_fwd(xs, conv_w, conv_b)
+        x_dbl, delta, Bm, Cm = _project(u, x_proj_w, dt_proj_w, A.shape[-1])
+        out, states, out_z = _scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, out)
+        return F.linear(_merge_directions(out_z).transpose(1, 2), out_proj_w)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, out = ctx.saved_tensors
+        b, e2, l = xz.shape
+        e, n = e2 // 2, A.shape[-1]
+        rank = x_dbl.shape[2] - 2 * n
+        xs, zs = _both_directions(xz)
+        u = _conv_fwd(xs, conv_w, conv_b)
+        delta, Bm, Cm = _split_x_dbl(x_dbl, dt_proj_w, n)
+        dout = dout.to(xz.dtype)
+        dy = torch.matmul(dout, out_proj_w).transpose(1, 2) * 0.5  # (B, E, L)
+        dout_z = torch.cat([dy, dy.flip(-1)], 1)
+        du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = _scan_bwd(
+            u, delta, A, Bm, Cm, D, zs, dt_bias, dout_z, states, out)
+        dout_proj_w = torch.einsum("bld,bel->de", dout, _merge_directions(out_z))
+        ddelta = ddelta.view(b, 2, e, l)
+        ddt_proj_w = torch.einsum("bgel,bgrl->ger", ddelta, x_dbl[:, :, :rank])
+        dx_dbl = torch.empty_like(x_dbl)
+        dx_dbl[:, :, :rank] = torch.matmul(dt_proj_w.transpose(1, 2), ddelta)
+        dx_dbl[:, :, rank:rank + n] = dB
+        dx_dbl[:, :, rank + n:] = dC
+        dx_proj_w = torch.einsum("bgkl,bgel->gke", dx_dbl, u.view(b, 2, e, l))
+        du = du.view(b, 2, e, l) + torch.matmul(x_proj_w.transpose(1, 2), dx_dbl)
+        dxs, dconv_w, dconv_b = _conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
+        fx, bx = dxs.chunk(2, dim=1)
+        fz, bz = dzs.chunk(2, dim=1)
+        dxz = torch.cat([fx + bx.flip(-1), fz + bz.flip(-1)], 1)
+        return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w
+
+
+def bimamba_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend="auto"):
+    """Dispatch to the kernels or the reference; arguments as bimamba_inner_ref."""
+    args = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w)
+    if resolve_backend(backend, xz) == "cuda":
+        return BiMambaInnerFn.apply(*args)
+    return bimamba_inner_ref(*args)

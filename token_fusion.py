@@ -1,0 +1,183 @@
+"""Famba-V token fusion: bipartite soft matching (ToMe), merging, and the cross-layer strategy schedule.
+
+Pure functions, kept apart from the model that calls them. Inside a fused layer (after the residual add
+and RMSNorm, before the mixer) the same fusion map is applied to the normalised hidden states and to the
+residual stream:
+
+1. similarity = cosine of the normalised hidden states; set A = even positions, set B = odd positions;
+2. each A token finds its most similar B token; the r A tokens with the highest best-similarity are fused
+   into their B partners (matching runs without gradients, the fusion itself is differentiable);
+3. fused value = plain mean of the B token and the A tokens merged into it (paper default), or ToMe's
+   size-weighted mean (``mode="size"``);
+4. output order ``"released"`` (paper): [unfused A tokens in their original order, then all B tokens];
+   ``"spatial"``: every surviving token keeps its original relative position.
+
+The class token is never fused, wherever it sits; its index after fusion is returned so the model can read
+it out. The index is a Python int while it is the same for the whole batch, else a (B,) long tensor.
+"""
+import torch
+
+STRATEGIES = ("no", "none", "all", "interleaved", "alternate", "lower", "upper")
+_ALIASES = {"none": "no", "alternate": "interleaved"}
+ORDERS = ("released", "spatial")
+MODES = ("mean", "size")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def fusion_schedule(strategy, fusion_layer, fusion_token, depth):
+    """Tokens requested for fusion in each of ``depth`` layers (0-indexed i), before capping.
+
+    no/none: none; all: every layer; interleaved/alternate: odd i; lower: i < fusion_layer;
+    upper: i > fusion_layer. The boundary layer itself is not fused; all/interleaved ignore fusion_layer.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown fusion strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if not isinstance(fusion_token, int) or fusion_token < 0:
+        raise ValueError(f"fusion_token must be a non-negative integer (tokens fused per layer), got {fusion_token!r}")
+    strategy = _ALIASES.get(strategy, strategy)
+    if strategy in ("lower", "upper"):
+        lo, hi = (1, depth - 1) if strategy == "lower" else (0, depth - 2)
+        if not isinstance(fusion_layer, int) or not lo <= fusion_layer <= hi:
+            side = "below" if strategy == "lower" else "above"
+            raise ValueError(f"fusion_layer={fusion_layer!r} with strategy {strategy!r} (fuse layers {side} it) "
+                             f"must be an integer in {lo}..{hi} for a model of depth {depth}")
+    fused = {
+        "no": lambda i: False,
+        "all": lambda i: True,
+        "interleaved": lambda i: i % 2 == 1,
+        "lower": lambda i: i < fusion_layer,
+        "upper": lambda i: i > fusion_layer,
+    }[strategy]
+    return [fusion_token if fused(i) else 0 for i in range(depth)]
+
+
+def cap_schedule(requested, num_tokens, num_protected=1):
+    """Tokens actually removed per layer: r is capped at (t - protected) // 2 for t tokens entering a layer.
+
+    Returns (removed_per_layer, tokens_per_layer) where tokens_per_layer[i] is the count entering layer i's mixer.
+    """
+    removed, tokens, t = [], [], num_tokens
+    for r in requested:
+        r = min(r, max(t - num_protected, 0) // 2)
+        t -= r
+        removed.append(r)
+        tokens.append(t)
+    return removed, tokens
+
+
+# ----------------------------------------------------------------------------- matching
+
+def _protected_mask(cls_index, batch, num_tokens, device):
+    """(B, T) bool, True at the class token; None if there is none."""
+    if cls_index is None:
+        return None
+    positions = torch.arange(num_tokens, device=device)
+    if isinstance(cls_index, int):
+        return (positions == cls_index).expand(batch, num_tokens)
+    return positions == cls_index[:, None]
+
+
+@torch.no_grad()
+def bipartite_soft_matching(metric, r, cls_index=None):
+    """ToMe's bipartite soft matching on a (B, T, C) metric.
+
+    Returns (src, dst, kept_a): src (B, r) positions of the A tokens fused away, dst (B, r) positions of the
+    B tokens they fuse into, kept_a (B, nA - r) positions of the unfused A tokens in ascending order.
+    The class token (position cls_index: int, (B,) tensor or None) is never matched: its similarity row
+    (if it is an A token) or column (if a B token) is -inf.
+    """
+    metric = torch.nn.functional.normalize(metric.float(), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(1, 2)  # (B, nA, nB)
+    protected = _protected_mask(cls_index, metric.shape[0], metric.shape[1], metric.device)
+    if protected is not None:
+        scores.masked_fill_(protected[:, ::2, None] | protected[:, None, 1::2], float("-inf"))
+    best, partner = scores.max(dim=-1)  # (B, nA)
+    order = best.argsort(dim=-1, descending=True)
+    src_a = order[:, :r]
+    kept_a = order[:, r:].sort(dim=-1).values
+    return 2 * src_a, 2 * partner.gather(1, src_a) + 1, 2 * kept_a
+
+
+# ----------------------------------------------------------------------------- merging
+
+@torch.no_grad()
+def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=None):
+    """Where every token goes, for both output orders.
+
+    Returns (keep, dst_out, cls_out): keep (B, T - r) source positions of the output tokens, dst_out (B, r)
+    output index of each src token's destination, cls_out the class token's output index (int when static).
+    """
+    batch, r = src.shape
+    device = src.device
+    if order == "released":
+        n_kept_a = kept_a.shape[1]
+        odd = torch.arange(1, num_tokens, 2, device=device).expand(batch, -1)
+        keep = torch.cat([kept_a, odd], dim=1)
+        dst_out = n_kept_a + (dst - 1) // 2
+        if cls_index is None:
+            cls_out = None
+        elif isinstance(cls_index, int) and cls_index == 0:
+            cls_out = 0  # position 0 is the first A token and is never fused: it stays first
+        else:
+            cls = torch.as_tensor(cls_index, device=device).expand(batch)
+            cls_out = torch.where(cls % 2 == 0, (kept_a < cls[:, None]).sum(1), n_kept_a + (cls - 1) // 2)
+        return keep, dst_out, cls_out
+    if order != "spatial":
+        raise ValueError(f"fusion order must be one of {ORDERS}, got {order!r}")
+    merged = torch.zeros(batch, num_tokens, dtype=torch.long, device=device).scatter_(1, src, 1)
+    positions = torch.arange(num_tokens, device=device)
+    keep = (positions + num_tokens * merged).argsort(dim=1)[:, :num_tokens - r]
+    merged_before = merged.cumsum(dim=1)  # merged tokens at or before each position
+    dst_out = dst - merged_before.gather(1, dst)
+    if cls_index is None:
+        cls_out = None
+    elif isinstance(cls_index, int) and cls_index == 0:
+        cls_out = 0
+    else:
+        cls = torch.as_tensor(cls_index, device=device).expand(batch)
+        cls_out = cls - merged_before.gather(1, cls[:, None]).squeeze(1)
+    return keep, dst_out, cls_out
+
+
+def merge(x, src, keep, dst_out, size=None):
+    """Fuse tokens of x (B, T, C) -> (B, T - r, C): out[j] = mean of x[keep[j]] and the src tokens whose
+    destination is j; with ``size`` (B, T, 1) the mean is weighted by it (ToMe). Differentiable in x."""
+    channels = x.shape[-1]
+    if size is not None:
+        x = x * size
+    out = x.gather(1, keep[..., None].expand(-1, -1, channels))
+    out = out.scatter_add(1, dst_out[..., None].expand(-1, -1, channels),
+                          x.gather(1, src[..., None].expand(-1, -1, channels)))
+    weight = merged_size(keep, src, dst_out, size)
+    return out / weight, weight
+
+
+def merged_size(keep, src, dst_out, size=None):
+    """(B, T - r, 1): the number of tokens (or total size) fused into each output token."""
+    if size is None:
+        weight = torch.ones(keep.shape + (1,), device=keep.device)
+        return weight.scatter_add(1, dst_out[..., None], torch.ones(src.shape + (1,), device=src.device))
+    return size.gather(1, keep[..., None]).scatter_add(1, dst_out[..., None], size.gather(1, src[..., None]))
+
+
+def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="mean"):
+    """One Famba-V fusion step on both streams.
+
+    hidden: (B, T, C) normalised hidden states (also the similarity metric); residual: (B, T, C) residual
+    stream; r: tokens to remove (<= (T - 1) // 2); cls_index: class-token position (int, (B,) tensor or None);
+    size: (B, T, 1) token sizes for mode="size" (None = all ones).
+    Returns (hidden, residual, cls_index, size), each stream (B, T - r, C); size is None for mode="mean".
+    """
+    if mode not in MODES:
+        raise ValueError(f"fusion mode must be one of {MODES}, got {mode!r}")
+    num_tokens = hidden.shape[1]
+    src, dst, kept_a = bipartite_soft_matching(hidden, r, cls_index)
+    keep, dst_out, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)
+    if mode == "size" and size is None:
+        size = torch.ones(hidden.shape[:2] + (1,), device=hidden.device, dtype=torch.float32)
+    both = torch.cat([hidden, residual], dim=-1)  # one gather/scatter for both streams
+    fused, new_size = merge(both, src, keep, dst_out, size if mode == "size" else None)
+    new_hidden, residual = fused.split(hidden.shape[-1], dim=-1)
+    return new_hidden.to(hidden.dtype), residual, cls_out, (new_size if mode == "size" else None)
