@@ -13,27 +13,101 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 # ---- train steps (lead) ----
+def _forward_backward_step(model, criterion, optimizer, samples, targets, amp_dtype, loss_scaler, clip_grad,
+                           autocast_cache=True):
+    """Forward under autocast, loss, backward, clipping, optimizer step. Returns the (unsynced) loss."""
+    with torch.autocast(samples.device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
+                        cache_enabled=autocast_cache):
+        loss = criterion(model(samples), targets)
+    if loss_scaler is not None:  # fp16: scale the loss, unscale before clipping; the scaler skips inf steps
+        loss_scaler.scale(loss).backward()
+        loss_scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if loss_scaler is not None:
+        loss_scaler.step(optimizer)
+        loss_scaler.update()
+    else:
+        optimizer.step()
+    return loss.detach()
+
+
+class CUDAGraphTrainStep:
+    """The whole training step (forward, loss, backward, clipping, AdamW) captured once in a CUDA graph and
+    replayed: one launch per step instead of thousands, which is what turns fused tokens into saved time.
+
+    Token fusion keeps every shape static (the per-layer token counts are fixed), so one capture serves the
+    whole run. The first ``warmup`` calls run eagerly on a side stream (allocator, cuBLAS and Triton set-up
+    happen outside the capture). Inputs are copied into static buffers; the optimizer must be capturable, and
+    the learning rates that the scheduler writes into ``optimizer.param_groups`` as floats are copied into the
+    device tensors the graph reads before each replay. Needs a fixed batch shape (drop_last) and no loss scaler.
+    """
+
+    def __init__(self, model, criterion, optimizer, amp_dtype, clip_grad, warmup=3):
+        if not all(g.get("capturable", False) or g.get("fused", False) for g in optimizer.param_groups):
+            raise ValueError("a CUDA-graph training step needs an optimizer created with capturable=True")
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.amp_dtype, self.clip_grad, self.warmup = amp_dtype, clip_grad, warmup
+        self.calls, self.graph, self.static = 0, None, None
+
+    def _step(self):
+        samples, targets = self.static
+        return _forward_backward_step(self.model, self.criterion, self.optimizer, samples, targets,
+                                      self.amp_dtype, None, self.clip_grad, autocast_cache=False)
+
+    def __call__(self, samples, targets):
+        if self.static is None:
+            self.static = (torch.empty_like(samples), torch.empty_like(targets))
+        if samples.shape != self.static[0].shape or targets.shape != self.static[1].shape:
+            raise ValueError(f"the CUDA-graph step was captured for inputs {tuple(self.static[0].shape)} / "
+                             f"{tuple(self.static[1].shape)}, got {tuple(samples.shape)} / {tuple(targets.shape)}; "
+                             "use a loader with drop_last=True")
+        self.static[0].copy_(samples, non_blocking=True)
+        self.static[1].copy_(targets, non_blocking=True)
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._step()
+                self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            self._capture()
+        for group, lr in zip(self.optimizer.param_groups, self.lr_tensors):
+            lr.fill_(group["lr"])
+        self.graph.replay()
+        return self.loss
+
+    def _capture(self):
+        groups = self.optimizer.param_groups
+        self.lr_tensors = [torch.tensor(float(g["lr"]), device=self.static[0].device) for g in groups]
+        floats = [g["lr"] for g in groups]
+        for group, lr in zip(groups, self.lr_tensors):
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)  # backward inside the capture then writes, not accumulates
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._step()
+        for group, lr in zip(groups, floats):
+            group["lr"] = lr
+
+
 def build_train_step(model, criterion, optimizer, *, amp_dtype, loss_scaler, clip_grad, cuda_graph):
-    """Minimal eager stand-in with the final signature; replaced by the lead's implementation."""
+    """step(samples, targets) -> loss: one optimisation step, eager or as a replayed CUDA graph."""
     if cuda_graph:
-        raise NotImplementedError('CUDA-graph training step is not available in this stand-in')
+        if loss_scaler is not None:
+            raise ValueError("--cuda-graph cannot capture fp16 loss scaling: use --no_amp or --amp-dtype bfloat16")
+        return CUDAGraphTrainStep(model, criterion, optimizer, amp_dtype, clip_grad)
 
     def step(samples, targets):
-        with torch.autocast(samples.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = criterion(model(samples), targets)
-        scaled = loss_scaler.scale(loss) if loss_scaler is not None else loss
-        scaled.backward()
-        if loss_scaler is not None:
-            loss_scaler.unscale_(optimizer)
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if loss_scaler is not None:
-            loss_scaler.step(optimizer)
-            loss_scaler.update()
-        else:
-            optimizer.step()
+        loss = _forward_backward_step(model, criterion, optimizer, samples, targets, amp_dtype, loss_scaler,
+                                      clip_grad)
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     return step
 # ---- end train steps ----
@@ -58,7 +132,7 @@ def _hms(seconds):
 
 
 def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup_fn=None,
-                    model_ema=None, print_freq=10, if_continue_inf=False, print_fn=print):
+                    model_ema=None, print_freq=10, if_continue_inf=False):
     """Run one epoch through ``step``; returns loss/lr/timing stats (global over all processes).
 
     Loss values are accumulated on the device as [sum of finite losses, #finite, #non-finite] and
@@ -93,10 +167,10 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
         eta = elapsed / (i + 1) * (num_steps - i - 1)
         window_loss = w[0] / w[1] if w[1] else float('nan')
         running = loss_sum / n_finite if n_finite else float('nan')
-        print_fn(f'Epoch: [{epoch}] [{i + 1:>{len(str(num_steps))}}/{num_steps}]  '
-                 f'loss: {window_loss:.4f} ({running:.4f})  lr: {lr:.6f}  '
-                 f'img/s: {window_images / max(now - window_start, 1e-9):.1f}  eta: {_hms(eta)}'
-                 + (f'  non-finite steps: {n_nonfinite}' if n_nonfinite else ''))
+        print(f'Epoch: [{epoch}] [{i + 1:>{len(str(num_steps))}}/{num_steps}]  '
+              f'loss: {window_loss:.4f} ({running:.4f})  lr: {lr:.6f}  '
+              f'img/s: {window_images / max(now - window_start, 1e-9):.1f}  eta: {_hms(eta)}'
+              + (f'  non-finite steps: {n_nonfinite}' if n_nonfinite else ''), flush=True)
         window_images, window_steps, window_start = 0, 0, now
 
     i = -1

@@ -1,0 +1,189 @@
+"""Distributed setup, seeding, atomic file writes and checkpoint helpers (DeiT conventions)."""
+import builtins
+import datetime
+import json
+import math
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on non-master processes unless called with force=True."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def init_distributed_mode(args):
+    """Join the process group described by the launcher's environment (torchrun / launch --use_env).
+
+    Sets args.distributed, args.rank, args.world_size, args.gpu. NCCL on CUDA, gloo on CPU.
+    """
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', args.local_rank))
+    elif 'SLURM_PROCID' in os.environ:
+        args.rank = int(os.environ['SLURM_PROCID'])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        print('Not using distributed mode')
+        args.distributed = False
+        args.rank, args.gpu = 0, 0
+        return
+    args.distributed = True
+    use_cuda = args.device.startswith('cuda')
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    args.dist_backend = 'nccl' if use_cuda else 'gloo'
+    print(f'| distributed init (rank {args.rank}, world {args.world_size}, backend {args.dist_backend}): '
+          f'{args.dist_url}', flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def seed_everything(*keys):
+    """Seed python, numpy and torch from a tuple of ints (e.g. seed, epoch, rank).
+
+    Seeding at every epoch start from (seed, epoch, rank) makes a resumed run draw the same
+    data order, augmentations and dropout as an uninterrupted one, without storing RNG states.
+    """
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2)
+    seed = int(state[0]) << 32 | int(state[1])
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def format_hms(seconds):
+    """Seconds -> 'H:MM:SS' (the paper's training-time format)."""
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temp file in the target directory, then os.replace: a crash never leaves a
+    half-written checkpoint under the final name."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(obj, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.json', dir=directory)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f, indent=2)
+            f.write('\n')
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def append_json_line(obj, path):
+    with open(path, 'a') as f:
+        f.write(json.dumps(obj) + '\n')
+
+
+def resample_pos_embed(pos_embed, cls_index_src, cls_index_dst, num_patches_dst):
+    """Move a (1, 1 + M, D) position embedding to a model with ``num_patches_dst`` patches.
+
+    The class-token row is taken from ``cls_index_src`` (0 = head, M//2 = Vim's middle token), the
+    patch rows are bicubically resized on their square grid, and the class-token row is re-inserted
+    at ``cls_index_dst``.
+    """
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f'pos_embed must have shape (1, tokens, dim), got {tuple(pos_embed.shape)}')
+    tokens = pos_embed.shape[1]
+    grid_src = math.isqrt(tokens - 1)
+    if grid_src * grid_src != tokens - 1:
+        raise ValueError(f'checkpoint pos_embed has {tokens} tokens: expected 1 class token + a square '
+                         'grid of patch tokens')
+    grid_dst = math.isqrt(num_patches_dst)
+    if grid_dst * grid_dst != num_patches_dst:
+        raise ValueError(f'model has {num_patches_dst} patches, not a square grid')
+    if not 0 <= cls_index_src < tokens or not 0 <= cls_index_dst <= num_patches_dst:
+        raise ValueError('class-token index out of range')
+    cls = pos_embed[:, cls_index_src:cls_index_src + 1]
+    patches = torch.cat([pos_embed[:, :cls_index_src], pos_embed[:, cls_index_src + 1:]], dim=1)
+    if grid_src != grid_dst:
+        dim = patches.shape[-1]
+        grid = patches.reshape(1, grid_src, grid_src, dim).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(grid_dst, grid_dst), mode='bicubic', align_corners=False)
+        patches = grid.permute(0, 2, 3, 1).reshape(1, grid_dst * grid_dst, dim).to(pos_embed.dtype)
+    return torch.cat([patches[:, :cls_index_dst], cls, patches[:, cls_index_dst:]], dim=1)
+
+
+def load_finetune_state(model, state_dict, ckpt_cls_position='middle'):
+    """Load a Vim/Famba-V checkpoint state dict into ``model`` for fine-tuning.
+
+    Drops a classifier head whose shape differs from the model's (new number of classes), moves and
+    resizes pos_embed (see ``resample_pos_embed``), then loads strictly: any other missing,
+    unexpected or mis-shaped key is an error naming those keys. Returns the list of dropped keys.
+    """
+    state_dict = dict(state_dict)
+    own = model.state_dict()
+    dropped = []
+    for key in ('head.weight', 'head.bias'):
+        if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
+            print(f'Removing key {key} from pretrained checkpoint (shape {tuple(state_dict[key].shape)} '
+                  f'vs model {tuple(own[key].shape)})')
+            del state_dict[key]
+            dropped.append(key)
+    if 'pos_embed' in state_dict and 'pos_embed' in own:
+        src = state_dict['pos_embed']
+        num_patches_src = src.shape[1] - 1
+        cls_src = 0 if ckpt_cls_position == 'head' else num_patches_src // 2
+        state_dict['pos_embed'] = resample_pos_embed(src, cls_src, model.cls_index_init,
+                                                     model.patch_embed.num_patches)
+    missing = sorted(k for k in own if k not in state_dict and k not in dropped)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    mismatched = sorted(f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
+                        for k in state_dict if k in own and state_dict[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError('checkpoint does not fit the model:'
+                         + (f'\n  missing keys: {missing}' if missing else '')
+                         + (f'\n  unexpected keys: {unexpected}' if unexpected else '')
+                         + (f'\n  size mismatch: {mismatched}' if mismatched else ''))
+    model.load_state_dict(state_dict, strict=not dropped)
+    return dropped
