@@ -1,0 +1,220 @@
+"""Training-step benchmark: what token fusion does to step time and peak memory, without data loading.
+
+Each configuration (model x precision x batch size x mode x variant x strategy) times full training steps
+(forward, loss, backward, AdamW step) on a fixed random batch with the same step object main.py trains
+with (engine.build_train_step). Ratios are taken against the no-fusion run of the same model, precision,
+batch size, mode and variant, measured in the same process, and printed next to the ideal: the fraction of
+token-layers that remain (spec section 3).
+
+    python benchmark.py --models vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2 \
+        --strategies none all:7 interleaved:14 lower:19:9 upper:4:9 upper:4:8 --precisions fp32 bf16 \
+        --modes eager graph --batch-sizes 128 --output bench.json
+
+Strategies are written ``name[:layer]:token`` (``none``, ``all:7``, ``interleaved:14``, ``lower:19:9``).
+"""
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import timm
+import torch
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+
+import models_mamba  # noqa: F401  (registers the Vim models)
+from engine import build_train_step
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ("default", "tf32-fused")  # tf32-fused: TF32 matmuls + fused AdamW, fp32 weights kept
+
+
+def parse_strategy(text):
+    """'upper:4:9' -> {'fusion_strategy': 'upper', 'fusion_layer': 4, 'fusion_token': 9}."""
+    name, *numbers = text.split(":")
+    try:
+        numbers = [int(n) for n in numbers]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"strategy {text!r}: expected name[:layer]:token with integers") from None
+    if name in ("no", "none") and not numbers:
+        return {"fusion_strategy": "no", "fusion_layer": 0, "fusion_token": 0}
+    if name in ("lower", "upper") and len(numbers) == 2:
+        return {"fusion_strategy": name, "fusion_layer": numbers[0], "fusion_token": numbers[1]}
+    if name in ("all", "interleaved", "alternate") and len(numbers) == 1:
+        return {"fusion_strategy": name, "fusion_layer": 0, "fusion_token": numbers[0]}
+    raise argparse.ArgumentTypeError(f"strategy {text!r}: expected none, all:TOKEN, interleaved:TOKEN, "
+                                     "lower:LAYER:TOKEN or upper:LAYER:TOKEN")
+
+
+def strategy_label(fusion):
+    s = fusion["fusion_strategy"]
+    if s == "no":
+        return "none"
+    if s in ("lower", "upper"):
+        return f"{s} L{fusion['fusion_layer']} r{fusion['fusion_token']}"
+    return f"{s} r{fusion['fusion_token']}"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Famba-V training-step benchmark", add_help=False)
+    p.add_argument("--models", nargs="+",
+                   default=["vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"])
+    p.add_argument("--strategies", nargs="+", type=parse_strategy,
+                   default=[parse_strategy(s) for s in ("none", "all:7", "interleaved:14", "lower:19:9",
+                                                         "upper:4:9", "upper:4:8")])
+    p.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["fp32"])
+    p.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=["eager"],
+                   help="graph: the whole step captured in one CUDA graph (main.py --cuda-graph)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["default"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--depth", type=int, default=None, help="override the model's depth (tiny CPU runs)")
+    p.add_argument("--embed-dim", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--fusion-order", default="released", choices=["released", "spatial"])
+    p.add_argument("--ssm-backend", default="auto", choices=["auto", "cuda", "torch"])
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (a graph is captured after 3)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 5 steps of each configuration (torch.profiler): GPU kernel time per step "
+                        "and the top kernels, to see whether a step is bound by the GPU or by the host")
+    p.add_argument("--output", default="", help="write the results as JSON here")
+    return p
+
+
+def measure(args, model_name, fusion, precision, batch_size, mode, variant):
+    """Median step time (ms) and peak allocated memory (MiB) of one configuration."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = variant == "tf32-fused"
+    overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
+                                   ("patch_size", args.patch_size)) if v is not None}
+    model = timm.create_model(model_name, num_classes=args.num_classes, img_size=args.input_size,
+                              drop_path_rate=0.0, fusion_order=args.fusion_order, ssm_backend=args.ssm_backend,
+                              **fusion, **overrides).to(device).train()
+    graph = mode == "graph"
+    opt_kwargs = {"capturable": True} if graph else {}
+    if variant == "tf32-fused":
+        opt_kwargs["fused"] = True
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=5e-4, weight_decay=0.1, **opt_kwargs)
+    amp_dtype = PRECISIONS[precision]
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    step = build_train_step(model, SoftTargetCrossEntropy(), optimizer, amp_dtype=amp_dtype, loss_scaler=scaler,
+                            clip_grad=None, cuda_graph=graph)
+    samples = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
+    targets = torch.randn(batch_size, args.num_classes, device=device).softmax(-1)  # mixup-style soft targets
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(max(args.warmup, 4 if graph else 1)):
+        step(samples, targets)
+    times = []
+    for _ in range(args.steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step(samples, targets)
+            end.record()
+            times.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            loss = step(samples, targets)
+            times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in times]
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = float("nan")
+    gpu_ms = profile(step, samples, targets) if args.profile and cuda else None
+    result = {
+        "model": model_name, "strategy": strategy_label(fusion), **fusion, "precision": precision,
+        "batch_size": batch_size, "mode": mode, "variant": variant,
+        "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
+        "images_per_s": batch_size / statistics.median(times) * 1e3, "peak_mib": peak,
+        "ideal": model.fusion_summary()["token_layer_fraction"], "final_loss": float(loss), "gpu_kernel_ms": gpu_ms,
+    }
+    del model, optimizer, step, samples, targets, loss
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def profile(step, samples, targets, steps=5):
+    """GPU kernel time per step (ms) over ``steps`` steps; prints the ten most expensive kernels."""
+    from torch.profiler import ProfilerActivity
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(samples, targets)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    total = sum(e.self_device_time_total for e in averages) / 1e3 / steps  # every kernel counted once
+    print(averages.table(sort_by="device_time_total", row_limit=10, max_name_column_width=60))
+    return total
+
+
+def add_ratios(results):
+    """time/memory vs the no-fusion run with the same model, precision, batch size, mode and variant."""
+    group = ("model", "precision", "batch_size", "mode", "variant")
+    base = {tuple(r[k] for k in group): r for r in results if r["fusion_strategy"] == "no"}
+    for r in results:
+        b = base.get(tuple(r[k] for k in group))
+        r["time_vs_none"] = r["step_ms"] / b["step_ms"] if b else None
+        r["mem_vs_none"] = r["peak_mib"] / b["peak_mib"] if b else None
+    return results
+
+
+def short_name(model_name):
+    return {"tiny": "Vim-Ti", "small": "Vim-S", "base": "Vim-B"}.get(model_name.split("_")[1], model_name)
+
+
+def markdown_table(results):
+    def fmt(x, spec):
+        return "-" if x is None or x != x else format(x, spec)
+    lines = ["| model | precision | mode | variant | batch | strategy | step ms | img/s | peak MiB "
+             "| time vs none | mem vs none | ideal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {short_name(r['model'])} | {r['precision']} | {r['mode']} | {r['variant']} "
+                     f"| {r['batch_size']} | {r['strategy']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} "
+                     f"| {fmt(r['peak_mib'], '.0f')} | {fmt(r['time_vs_none'], '.3f')} "
+                     f"| {fmt(r['mem_vs_none'], '.3f')} | {r['ideal']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(args):
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available: pass --device cpu")
+    if "graph" in args.modes and not args.device.startswith("cuda"):
+        raise SystemExit("--modes graph needs a CUDA device")
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+           else "cpu", "command": " ".join(__import__("sys").argv)}
+    results = []
+    for model_name in args.models:
+        for precision in args.precisions:
+            for batch_size in args.batch_sizes:
+                for mode in args.modes:
+                    for variant in args.variants:
+                        for fusion in args.strategies:
+                            r = measure(args, model_name, fusion, precision, batch_size, mode, variant)
+                            print(f"{short_name(model_name)} {precision} {mode} {variant} b{batch_size} "
+                                  f"{r['strategy']}: {r['step_ms']:.1f} ms, {r['peak_mib']:.0f} MiB", flush=True)
+                            results.append(r)
+    add_ratios(results)
+    table = markdown_table(results)
+    print(f"\n{env['device']}, torch {env['torch']}\n{table}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"env": env, "results": results, "table": table}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main(argparse.ArgumentParser("Famba-V benchmark", parents=[get_args_parser()]).parse_args())
