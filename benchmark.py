@@ -148,7 +148,7 @@ def measure(args, model_name, fusion, precision, batch_size, mode, variant):
 
 
 def profile(step, samples, targets, steps=5):
-    """GPU kernel time per step (ms) over ``steps`` steps; prints the ten most expensive kernels."""
+    """GPU kernel time per step (ms) over ``steps`` steps; prints the 25 most expensive kernels."""
     from torch.profiler import ProfilerActivity
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -156,7 +156,7 @@ def profile(step, samples, targets, steps=5):
         torch.cuda.synchronize()
     averages = prof.key_averages()
     total = sum(e.self_device_time_total for e in averages) / 1e3 / steps  # every kernel counted once
-    print(averages.table(sort_by="device_time_total", row_limit=10, max_name_column_width=60))
+    print(averages.table(sort_by="device_time_total", row_limit=25, max_name_column_width=60))
     return total
 
 

@@ -111,10 +111,15 @@ def _both_directions(t):
     return torch.cat([a, a.flip(-1)], 1), torch.cat([b, b.flip(-1)], 1)
 
 
-def _merge_directions(y):
-    """(B, 2E, L) [forward ; backward-in-flipped-order] -> (B, E, L) = (forward + flip(backward)) / 2."""
+def _add_directions(y):
+    """(B, 2E, L) [forward ; backward-in-flipped-order] -> (B, E, L) = forward + flip(backward)."""
     fwd, bwd = y.chunk(2, dim=1)
-    return (fwd + bwd.flip(-1)) * 0.5
+    return fwd + bwd.flip(-1)
+
+
+def _batch_sum(t):
+    """Sum over the leading (batch) axis, in at least float32: per-sample weight-gradient partials."""
+    return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32))
 
 
 def _project(u, x_proj_w, dt_proj_w, d_state):
@@ -139,7 +144,7 @@ def bimamba_inner_ref(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, ou
     u = causal_conv1d_ref(xs, conv_w, conv_b)
     _, delta, Bm, Cm = _project(u, x_proj_w, dt_proj_w, A.shape[-1])
     y = selective_scan_ref(u, delta, A, Bm, Cm, D, zs, dt_bias)
-    return F.linear(_merge_directions(y).transpose(1, 2), out_proj_w)
+    return F.linear(_add_directions(y).transpose(1, 2), out_proj_w * 0.5)
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
@@ -180,7 +185,7 @@ class BiMambaInnerFn(torch.autograd.Function):
         x_dbl, delta, Bm, Cm = _project(u, x_proj_w, dt_proj_w, A.shape[-1])
         out, states, out_z = _scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, out)
-        return F.linear(_merge_directions(out_z).transpose(1, 2), out_proj_w)
+        return F.linear(_add_directions(out_z).transpose(1, 2), out_proj_w * 0.5)  # the /2 folded into the weight
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -193,18 +198,22 @@ class BiMambaInnerFn(torch.autograd.Function):
         u = _conv_fwd(xs, conv_w, conv_b)
         delta, Bm, Cm = _split_x_dbl(x_dbl, dt_proj_w, n)
         dout = dout.to(xz.dtype)
-        dy = torch.matmul(dout, out_proj_w).transpose(1, 2) * 0.5  # (B, E, L)
+        dy = torch.matmul(dout, out_proj_w * 0.5).transpose(1, 2)  # (B, E, L)
         dout_z = torch.cat([dy, dy.flip(-1)], 1)
         du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = _scan_bwd(
             u, delta, A, Bm, Cm, D, zs, dt_bias, dout_z, states, out)
-        dout_proj_w = torch.einsum("bld,bel->de", dout, _merge_directions(out_z))
+        # Weight gradients reduce over batch and length. As one GEMM per direction they are skinny
+        # (K = B*L) and cuBLAS runs them on a handful of SMs; one GEMM per sample (reducing over L) and a
+        # sum over the batch keeps the whole GPU busy.
+        dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), _add_directions(out_z).transpose(1, 2))) * 0.5
         ddelta = ddelta.view(b, 2, e, l)
-        ddt_proj_w = torch.einsum("bgel,bgrl->ger", ddelta, x_dbl[:, :, :rank])
+        ddt_proj_w = _batch_sum(torch.matmul(ddelta, x_dbl[:, :, :rank].transpose(2, 3)))
         dx_dbl = torch.empty_like(x_dbl)
         dx_dbl[:, :, :rank] = torch.matmul(dt_proj_w.transpose(1, 2), ddelta)
         dx_dbl[:, :, rank:rank + n] = dB
         dx_dbl[:, :, rank + n:] = dC
-        dx_proj_w = torch.einsum("bgkl,bgel->gke", dx_dbl, u.view(b, 2, e, l))
+        u = u.view(b, 2, e, l)
+        dx_proj_w = _batch_sum(torch.matmul(dx_dbl, u.transpose(2, 3)))
         du = du.view(b, 2, e, l) + torch.matmul(x_proj_w.transpose(1, 2), dx_dbl)
         dxs, dconv_w, dconv_b = _conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
         fx, bx = dxs.chunk(2, dim=1)
