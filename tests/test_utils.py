@@ -1,0 +1,79 @@
+"""Checkpoint helpers: atomic saves, pos_embed moves, fine-tune loading; time format."""
+import os
+
+import pytest
+import timm
+import torch
+
+import models_mamba  # noqa: F401
+import utils
+
+TINY = dict(depth=2, embed_dim=16, patch_size=8, img_size=32, ssm_backend='torch')
+NAME = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
+
+
+def test_format_hms_matches_paper_style():
+    assert utils.format_hms(4 * 3600 + 33 * 60 + 2) == '4:33:02'
+    assert utils.format_hms(59.6) == '0:01:00'
+
+
+def test_atomic_save_replaces_or_keeps_the_old_file(tmp_path):
+    path = tmp_path / 'checkpoint.pth'
+    utils.atomic_torch_save({'epoch': 1}, str(path))
+    assert torch.load(path)['epoch'] == 1
+    with pytest.raises(Exception):
+        utils.atomic_torch_save({'epoch': 2, 'bad': lambda: 0}, str(path))  # lambdas cannot be pickled
+    assert torch.load(path)['epoch'] == 1  # the good file survives a failed save
+    assert os.listdir(tmp_path) == ['checkpoint.pth']  # and no temp file is left behind
+
+
+def test_resample_pos_embed_moves_the_class_token():
+    m = 16
+    pe = torch.arange(m + 1, dtype=torch.float32).view(1, m + 1, 1).repeat(1, 1, 3)
+    pe[:, m // 2] = -1.0  # class token in the middle, as in Vim's checkpoints
+    out = utils.resample_pos_embed(pe, m // 2, 0, m)
+    assert out[0, 0, 0] == -1.0
+    expected_patches = [i for i in range(m + 1) if i != m // 2]
+    assert out[0, 1:, 0].tolist() == expected_patches
+    back = utils.resample_pos_embed(out, 0, m // 2, m)
+    assert torch.equal(back, pe)
+
+
+def test_resample_pos_embed_interpolates_the_grid():
+    # a grid constant along rows (value = row) stays constant along rows after a bicubic resize,
+    # and the class-token row is carried over untouched
+    grid = torch.arange(4, dtype=torch.float32).view(4, 1).expand(4, 4).reshape(1, 16, 1)
+    pe = torch.cat([torch.full((1, 1, 1), 7.0), grid], dim=1)
+    out = utils.resample_pos_embed(pe, 0, 0, 64)
+    assert out.shape == (1, 65, 1) and out[0, 0, 0] == 7.0
+    rows = out[0, 1:, 0].view(8, 8)
+    assert torch.allclose(rows, rows[:, :1].expand(8, 8))
+    assert rows[0, 0] < rows[3, 0] < rows[7, 0]
+    with pytest.raises(ValueError, match='square grid'):
+        utils.resample_pos_embed(torch.zeros(1, 11, 2), 0, 0, 16)
+
+
+def test_finetune_from_middle_token_checkpoint_into_head_model():
+    src = timm.create_model(NAME, num_classes=10, cls_position='middle', **TINY)
+    dst = timm.create_model(NAME, num_classes=5, cls_position='head', **TINY)
+    head_before = dst.head.weight.clone()
+    dropped = utils.load_finetune_state(dst, {'model': src.state_dict()}['model'], 'middle')
+    assert dropped == ['head.weight', 'head.bias']
+    assert torch.equal(dst.head.weight, head_before)  # new head keeps its own initialisation
+    m = src.patch_embed.num_patches
+    assert torch.equal(dst.pos_embed[0, 0], src.pos_embed[0, m // 2])
+    assert torch.equal(dst.pos_embed[0, 1:], torch.cat([src.pos_embed[0, :m // 2], src.pos_embed[0, m // 2 + 1:]]))
+    assert torch.equal(dst.layers[1].mixer.in_proj.weight, src.layers[1].mixer.in_proj.weight)
+
+
+def test_finetune_names_keys_that_do_not_fit():
+    src = timm.create_model(NAME, num_classes=10, **TINY).state_dict()
+    dst = timm.create_model(NAME, num_classes=10, **TINY)
+    src['extra.weight'] = torch.zeros(1)
+    del src['norm_f.weight']
+    src['layers.0.mixer.D'] = torch.zeros(3)
+    with pytest.raises(ValueError) as err:
+        utils.load_finetune_state(dst, src, 'head')
+    msg = str(err.value)
+    assert "missing keys: ['norm_f.weight']" in msg and "unexpected keys: ['extra.weight']" in msg
+    assert 'layers.0.mixer.D' in msg
