@@ -167,14 +167,14 @@ def check_args(args):
     if args.batch_size < 1 or args.epochs < 0 or args.print_freq < 1:
         raise UsageError('--batch-size and --print-freq must be >= 1 and --epochs >= 0')
     use_cuda = args.device.startswith('cuda')
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError(f'--device {args.device} was asked for but CUDA is not available; use --device cpu')
     if args.cuda_graph:
-        if not use_cuda:
-            raise UsageError('--cuda-graph needs --device cuda')
         if args.if_amp and args.amp_dtype == 'float16':
             raise UsageError('--cuda-graph works in fp32 (--no_amp) or bf16 (--amp-dtype bfloat16), not '
                              'with float16 loss scaling')
+        if not use_cuda:
+            raise UsageError('--cuda-graph needs --device cuda')
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError(f'--device {args.device} was asked for but CUDA is not available; use --device cpu')
     if args.fused_adamw and args.opt.lower() != 'adamw':
         raise UsageError(f'--fused-adamw needs --opt adamw, got --opt {args.opt}')
     if args.eval and not args.resume:

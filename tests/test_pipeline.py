@@ -1,0 +1,140 @@
+"""End-to-end runs of main.py on the CPU: a tiny Vim with Famba-V fusion on a CIFAR-100-format folder."""
+import json
+import os
+import re
+
+import pytest
+import timm
+import torch
+
+import models_mamba  # noqa: F401
+from pipeline_helpers import QUIET, TINY_MODEL, read_log, read_summary, run, write_cifar100
+
+BATCH = 16
+# upper-layer fusion above layer 1 of 4, 2 tokens per fused layer; step schedule (halve each epoch) so
+# that a 2-epoch run and a 3-epoch run share the same learning rates
+TRAIN = TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--batch-size', BATCH, '--fusion-strategy', 'upper',
+                              '--fusion-layer', 1, '--fusion-token', 2, '--sched', 'step', '--decay-epochs', 1,
+                              '--decay-rate', 0.5]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    write_cifar100(root / 'cifar-100-python', n_train=64, n_test=24)
+    return str(root)  # the parent of cifar-100-python
+
+
+@pytest.fixture(scope='module')
+def straight(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('straight'))
+    proc = run(TRAIN + ['--data-path', data, '--output_dir', out, '--epochs', 3])
+    return out, proc
+
+
+def test_log_lines_hold_the_efficiency_and_accuracy_fields(straight):
+    out, proc = straight
+    log = read_log(out)
+    assert [e['epoch'] for e in log] == [0, 1, 2]
+    base_lr = 5e-4 * BATCH / 512  # DeiT's linear scaling, one process
+    for e in log:
+        assert e['train_lr'] == pytest.approx(base_lr * 0.5 ** e['epoch'], rel=1e-12)
+        assert 0 < e['train_loss'] < 10 and 0 <= e['test_acc1'] <= e['test_acc5'] <= 100
+        assert e['test_images'] == 24 and e['test_ema_images'] == 24
+        # 64 images, batch 16, drop_last: 4 steps of 16 images per epoch
+        assert e['train_images_per_s'] == pytest.approx(64 / e['epoch_time_s'], rel=1e-9)
+        assert 'train_peak_mem_mib' not in e  # CUDA only
+    model = timm.create_model('vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2',
+                              num_classes=100, img_size=32, depth=4, embed_dim=32, patch_size=8)
+    assert {e['n_parameters'] for e in log} == {sum(p.numel() for p in model.parameters())}
+    progress = [ln for ln in proc.stdout.splitlines() if ln.startswith('Epoch: [1]')]
+    assert [re.search(r'\[ ?(\d)/4\]', ln).group(1) for ln in progress] == ['2', '4']
+
+
+def test_summary_reports_fusion_time_and_accuracy(straight):
+    out, _ = straight
+    log, s = read_log(out), read_summary(out)
+    f = s['fusion']
+    assert f['removed_per_layer'] == [0, 0, 2, 2]  # layers 2 and 3 (> 1) each remove 2 of 17 tokens
+    assert f['tokens_per_layer'] == [17, 17, 15, 13]
+    assert f['token_layer_fraction'] == pytest.approx((17 + 17 + 15 + 13) / (4 * 17))
+    assert s['best_acc1'] == max(e['test_acc1'] for e in log) and s['best_acc5'] == max(e['test_acc5'] for e in log)
+    assert s['final_acc1'] == log[-1]['test_acc1'] and s['final_acc5'] == log[-1]['test_acc5']
+    assert s['total_time_s'] >= sum(e['epoch_time_s'] for e in log)
+    h, m, sec = map(int, re.fullmatch(r'(\d+):(\d\d):(\d\d)', s['total_time']).groups())
+    assert h * 3600 + m * 60 + sec == round(s['total_time_s'])
+    assert s['max_peak_mem_mib'] is None and s['precision'] == 'float32' and s['world_size'] == 1
+    assert s['n_parameters'] == log[0]['n_parameters']
+    assert s['args']['fusion_strategy'] == 'upper' and s['args']['fusion_token'] == 2
+    files = sorted(os.listdir(out))
+    assert files == ['best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'summary.json']  # no temp files left
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), map_location='cpu', weights_only=False)
+    assert ckpt['epoch'] == 2 and ckpt['max_acc1'] == s['best_acc1']
+    best = torch.load(os.path.join(out, 'best_checkpoint.pth'), map_location='cpu', weights_only=False)
+    assert log[best['epoch']]['test_acc1'] == s['best_acc1']
+
+
+def test_eval_reproduces_the_saved_models_accuracy(straight, data, tmp_path):
+    out, _ = straight
+    run(TRAIN + ['--data-path', data, '--output_dir', tmp_path, '--eval', '--resume',
+                 os.path.join(out, 'checkpoint.pth')])
+    ev = json.load(open(tmp_path / 'eval.json'))
+    last = read_log(out)[-1]
+    assert ev['test_acc1'] == last['test_acc1'] and ev['test_acc5'] == last['test_acc5']
+    assert ev['test_loss'] == pytest.approx(last['test_loss'], rel=1e-9)
+    assert ev['test_ema_loss'] == pytest.approx(last['test_ema_loss'], rel=1e-9)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(straight, data, tmp_path):
+    out, _ = straight
+    args = TRAIN + ['--data-path', data, '--output_dir', tmp_path]
+    run(args + ['--epochs', 2])
+    run(args + ['--epochs', 3, '--resume', tmp_path / 'checkpoint.pth'])
+    log, ref = read_log(tmp_path), read_log(out)
+    assert [e['epoch'] for e in log] == [0, 1, 2]
+    for key in ('train_loss', 'train_lr', 'test_loss', 'test_acc1', 'test_ema_loss'):
+        assert log[2][key] == ref[2][key], key
+    a = torch.load(tmp_path / 'checkpoint.pth', map_location='cpu', weights_only=False)
+    b = torch.load(os.path.join(out, 'checkpoint.pth'), map_location='cpu', weights_only=False)
+    for part in ('model', 'model_ema'):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert read_summary(tmp_path)['total_time_s'] >= a['elapsed_s'] > 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    # epoch 0 warms up at lr 1e-6; epoch 1 jumps to lr 1e30, which blows the weights up to inf/NaN
+    args = TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', data, '--output_dir', tmp_path,
+                                 '--batch-size', BATCH, '--epochs', 2, '--warmup-epochs', 1, '--lr', 1e30,
+                                 '--unscale-lr', '--no-model-ema']
+    proc = run(args, check=False)
+    assert proc.returncode == 1
+    assert 'Loss is not finite' in proc.stderr and 'epoch 1' in proc.stderr and 'Traceback' not in proc.stderr
+    ckpt = torch.load(tmp_path / 'checkpoint.pth', map_location='cpu', weights_only=False)
+    assert ckpt['epoch'] == 0 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+    assert len(read_log(tmp_path)) == 1 and not (tmp_path / 'summary.json').exists()
+
+
+def test_missing_data_path_is_reported_with_the_path(tmp_path):
+    missing = tmp_path / 'no-cifar-here'
+    proc = run(TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', missing, '--epochs', 1], check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert 'CIFAR data set not found' in proc.stderr and str(missing) in proc.stderr
+    assert 'train, test, meta' in proc.stderr and 'download failed' in proc.stderr
+
+
+def test_bad_settings_fail_before_training(data, tmp_path):
+    import main
+    parser = main.get_args_parser()
+    base = [str(a) for a in TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', data]]
+    with pytest.raises(main.UsageError, match='fusion_layer'):  # the model's ValueError, passed on
+        main.main(parser.parse_args(base + ['--fusion-strategy', 'upper', '--fusion-layer', '7']))
+    with pytest.raises(main.UsageError, match='--cuda-graph needs --device cuda'):
+        main.main(parser.parse_args(base + ['--cuda-graph', '--no_amp']))
+    with pytest.raises(main.UsageError, match='bf16'):  # float16 AMP (the default) cannot be graphed
+        main.main(parser.parse_args(base + ['--cuda-graph', '--device', 'cuda']))
+    with pytest.raises(main.UsageError, match='--eval needs --resume'):
+        main.main(parser.parse_args(base + ['--eval']))
+    assert not os.listdir(tmp_path)
