@@ -47,9 +47,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(args, *, launcher=None, timeout=300, check=True):
-    """Run main.py (optionally under a launcher prefix) in a subprocess; returns CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+def run(args, *, launcher=None, timeout=300, check=True, threads=1):
+    """Run main.py (optionally under a launcher prefix) in a subprocess; returns CompletedProcess.
+
+    One thread by default: the runs are tiny, and a fixed thread count keeps CPU results reproducible."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
     cmd = [sys.executable] + (launcher or []) + ['main.py'] + [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
