@@ -87,8 +87,19 @@ def get_args_parser():
 
 
 def measure(args, model_name, fusion, precision, batch_size, mode, variant):
-    """Median step time (ms) and peak allocated memory (MiB) of one configuration."""
+    """Median step time (ms) and peak allocated memory (MiB) of one configuration.
+
+    Peak memory counts everything the configuration allocates (weights, optimizer state, batch, activations,
+    and in graph mode the graph's private pool) from before the model is built.
+    """
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:  # count only this configuration's memory, whatever earlier ones left allocated
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = variant == "tf32-fused"
     overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
@@ -108,10 +119,6 @@ def measure(args, model_name, fusion, precision, batch_size, mode, variant):
     samples = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
     targets = torch.randn(batch_size, args.num_classes, device=device).softmax(-1)  # mixup-style soft targets
 
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     for _ in range(max(args.warmup, 4 if graph else 1)):
         step(samples, targets)
     times = []
@@ -129,7 +136,7 @@ def measure(args, model_name, fusion, precision, batch_size, mode, variant):
     if cuda:
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) for s, e in times]
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        peak = (torch.cuda.max_memory_allocated() - resident) / 2 ** 20
     else:
         peak = float("nan")
     gpu_ms = profile(step, samples, targets) if args.profile and cuda else None

@@ -23,6 +23,11 @@ import token_fusion
 CLS_POSITIONS = ("head", "middle")
 
 
+def _at_least_fp32(t):
+    """The scan's A, D and delta bias stay in float32 (float64 for float64 models) whatever the weights are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class PatchEmbed(nn.Module):
     """(B, C, H, W) image -> (B, M, D) patch tokens by a strided convolution."""
 
@@ -92,9 +97,9 @@ class BiMamba(nn.Module):
             torch.cat([self.conv1d.bias, self.conv1d_b.bias]),
             torch.stack([self.x_proj.weight, self.x_proj_b.weight]),
             torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]),
-            torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
-            -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
-            torch.cat([self.D, self.D_b]).float(),
+            _at_least_fp32(torch.cat([self.dt_proj.bias, self.dt_proj_b.bias])),
+            -torch.exp(_at_least_fp32(torch.cat([self.A_log, self.A_b_log]))),
+            _at_least_fp32(torch.cat([self.D, self.D_b])),
             self.out_proj.weight,
             self.backend,
         )
@@ -140,6 +145,10 @@ class VisionMamba(nn.Module):
         self.requested_per_layer = token_fusion.fusion_schedule(fusion_strategy, fusion_layer, fusion_token, depth)
         self.removed_per_layer, self.tokens_per_layer = token_fusion.cap_schedule(
             self.requested_per_layer, num_patches + 1)
+        tokens_in = [num_patches + 1] + self.tokens_per_layer[:-1]
+        if cls_position == "middle" and any(r and t == 3 for r, t in zip(self.removed_per_layer, tokens_in)):
+            raise ValueError("these fusion settings fuse a 3-token sequence, where a middle class token can be "
+                             "the only token of set B: fuse fewer tokens or use cls_position='head'")
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))

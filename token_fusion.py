@@ -143,15 +143,21 @@ def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=Non
 
 def merge(x, src, keep, dst_out, size=None):
     """Fuse tokens of x (B, T, C) -> (B, T - r, C): out[j] = mean of x[keep[j]] and the src tokens whose
-    destination is j; with ``size`` (B, T, 1) the mean is weighted by it (ToMe). Differentiable in x."""
-    channels = x.shape[-1]
+    destination is j; with ``size`` (B, T, 1) the mean is weighted by it (ToMe). Differentiable in x.
+
+    Works on the flattened (B*T, C) rows with index_select / index_add, whose backward passes keep only
+    the indices: gather/scatter along dim 1 would keep x itself alive until the backward pass.
+    """
+    batch, num_tokens, channels = x.shape
     if size is not None:
         x = x * size
-    out = x.gather(1, keep[..., None].expand(-1, -1, channels))
-    out = out.scatter_add(1, dst_out[..., None].expand(-1, -1, channels),
-                          x.gather(1, src[..., None].expand(-1, -1, channels)))
+    rows = x.reshape(batch * num_tokens, channels)
+    offsets = torch.arange(batch, device=x.device)[:, None]
+    out = rows.index_select(0, (keep + offsets * num_tokens).flatten())
+    out = out.index_add(0, (dst_out + offsets * keep.shape[1]).flatten(),
+                        rows.index_select(0, (src + offsets * num_tokens).flatten()))
     weight = merged_size(keep, src, dst_out, size)
-    return out / weight, weight
+    return out.view(batch, keep.shape[1], channels) / weight, weight
 
 
 def merged_size(keep, src, dst_out, size=None):
@@ -173,6 +179,9 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     if mode not in MODES:
         raise ValueError(f"fusion mode must be one of {MODES}, got {mode!r}")
     num_tokens = hidden.shape[1]
+    if r and num_tokens == 3 and cls_index is not None and not (isinstance(cls_index, int) and cls_index != 1):
+        raise ValueError("cannot fuse a 3-token sequence whose class token may sit at position 1: set B would "
+                         "hold only the class token")
     src, dst, kept_a = bipartite_soft_matching(hidden, r, cls_index)
     keep, dst_out, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)
     if mode == "size" and size is None:

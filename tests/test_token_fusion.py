@@ -336,16 +336,21 @@ def test_fuse_matches_naive_loop(tokens, r, cls_kind):
                 assert s is None
 
 
-def test_fuse_class_token_alone_in_set_b_is_not_fused():
-    """BUG REPRODUCTION. T = 3 with the class token at 1: B = {class token}, so no A token has a partner and
-    nothing may be fused; cap_schedule still allows r = (3 - 1) // 2 = 1 and fuse() averages an A token into
-    the class token. Reached in a model with a middle class token and spatial order once 3 tokens remain,
-    e.g. VisionMamba(img_size=32, patch_size=16, depth=2, cls_position='middle', fusion_strategy='all',
-    fusion_token=2, fusion_order='spatial'): layer 0 leaves 3 tokens with the class token at 1."""
+def test_fuse_refuses_when_class_token_would_be_alone_in_set_b():
+    """T = 3 with the class token at 1: B = {class token}, so no A token has a partner; fusing would average an A
+    token into the class token. fuse() refuses, and so does a model whose schedule reaches that case
+    (3 tokens, middle class token at index 1 after layer 0)."""
+    import models_mamba
     hidden = t64([[[1., 0.], [0., 1.], [1., 1.]]])
-    h, _, cls_out, _ = token_fusion.fuse(hidden, hidden.clone(), 1, 1)
-    c = cls_list(cls_out, 1)[0]
-    assert torch.equal(h[0, c], hidden[0, 1]), f"class token was fused: {h[0, c].tolist()} != [0.0, 1.0]"
+    with pytest.raises(ValueError, match="only the class token"):
+        token_fusion.fuse(hidden, hidden.clone(), 1, 1)
+    with pytest.raises(ValueError, match="only the class token"):
+        token_fusion.fuse(hidden, hidden.clone(), 1, torch.tensor([0]))
+    h, _, cls_out, _ = token_fusion.fuse(hidden, hidden.clone(), 1, 0)  # class token in A: fine
+    assert cls_out == 0 and torch.equal(h[0, 0], hidden[0, 0])
+    with pytest.raises(ValueError, match="3-token sequence"):
+        models_mamba.VisionMamba(img_size=32, patch_size=16, depth=2, cls_position="middle",
+                                 fusion_strategy="all", fusion_token=2, fusion_order="spatial")
 
 
 # ----------------------------------------------------------------------------- validation
