@@ -210,8 +210,9 @@ def build_model(args, nb_classes):
         raise UsageError(f'cannot build {args.model}: {e}') from e
 
 
-def build_loaders(args, dataset_train, dataset_val):
+def build_loaders(args, dataset_train, dataset_val, device):
     world, rank = utils.get_world_size(), utils.get_rank()
+    pin = args.pin_mem and device.type == 'cuda'
     if args.distributed:
         if args.repeated_aug:
             sampler_train = samplers.RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
@@ -227,10 +228,10 @@ def build_loaders(args, dataset_train, dataset_val):
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
     loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem, drop_last=True)  # fixed batch shape (CUDA graph, batch mixup)
+        pin_memory=pin, drop_last=True)  # fixed batch shape (CUDA graph, batch mixup)
     loader_val = torch.utils.data.DataLoader(
         dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), num_workers=args.num_workers,
-        pin_memory=args.pin_mem, drop_last=False)
+        pin_memory=pin, drop_last=False)
     if len(loader_train) == 0:
         raise UsageError(f'the training set ({len(dataset_train)} images over {world} process(es)) is smaller '
                          f'than one batch of {args.batch_size}')
@@ -260,7 +261,7 @@ def main(args):
     utils.seed_everything(args.seed)
     dataset_train, nb_classes = datasets.build_dataset(True, args)
     dataset_val, _ = datasets.build_dataset(False, args)
-    sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+    sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, device)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
