@@ -132,7 +132,7 @@ def _hms(seconds):
 
 
 def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup_fn=None,
-                    model_ema=None, print_freq=10, if_continue_inf=False):
+                    model_ema=None, print_freq=10, if_continue_inf=False, lr_scheduler=None):
     """Run one epoch through ``step``; returns loss/lr/timing stats (global over all processes).
 
     Loss values are accumulated on the device as [sum of finite losses, #finite, #non-finite] and
@@ -141,7 +141,6 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
     model.train()
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     num_steps = len(data_loader)
-    lr = optimizer.param_groups[0]['lr']
     window = torch.zeros(3, dtype=torch.float64, device=device)
     loss_sum, n_finite, n_nonfinite = 0.0, 0, 0
     images = 0
@@ -168,7 +167,7 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
         window_loss = w[0] / w[1] if w[1] else float('nan')
         running = loss_sum / n_finite if n_finite else float('nan')
         print(f'Epoch: [{epoch}] [{i + 1:>{len(str(num_steps))}}/{num_steps}]  '
-              f'loss: {window_loss:.4f} ({running:.4f})  lr: {lr:.6f}  '
+              f'loss: {window_loss:.4f} ({running:.4f})  lr: {optimizer.param_groups[0]["lr"]:.6f}  '
               f'img/s: {window_images / max(now - window_start, 1e-9):.1f}  eta: {_hms(eta)}'
               + (f'  non-finite steps: {n_nonfinite}' if n_nonfinite else ''), flush=True)
         window_images, window_steps, window_start = 0, 0, now
@@ -180,6 +179,8 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         loss = step(samples, targets)
+        if lr_scheduler is not None:  # --sched-on-updates
+            lr_scheduler.step_update(epoch * num_steps + i + 1)
         finite = torch.isfinite(loss)
         window += torch.stack([torch.where(finite, loss.double(), 0.0), finite.double(), (~finite).double()])
         if model_ema is not None:
@@ -195,7 +196,7 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
     elapsed = time.time() - start
     return {
         'loss': loss_sum / n_finite if n_finite else float('nan'),
-        'lr': lr,
+        'lr': optimizer.param_groups[0]['lr'],
         'steps': i + 1,
         'nonfinite_steps': n_nonfinite,
         'images': images,

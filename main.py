@@ -15,7 +15,7 @@ import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
@@ -81,8 +81,10 @@ def get_args_parser():
     parser.add_argument('--weight-decay', type=float, default=0.05)
     parser.add_argument('--fused-adamw', action='store_true', help="torch's fused AdamW kernel (opt-in)")
 
-    # Learning rate schedule (stepped once per epoch, at the epoch's start)
+    # Learning rate schedule (stepped once per epoch, at the epoch's start, unless --sched-on-updates)
     parser.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
+    parser.add_argument('--sched-on-updates', action='store_true',
+                        help='step the schedule (warmup included) after every update instead of every epoch')
     parser.add_argument('--lr', type=float, default=5e-4, metavar='LR',
                         help='learning rate for a global batch of 512 (scaled linearly unless --unscale-lr)')
     parser.add_argument('--unscale-lr', action='store_true', help='use --lr as given, without batch scaling')
@@ -303,7 +305,7 @@ def main(args):
     if args.fused_adamw:
         opt_kwargs['fused'] = True
     optimizer = create_optimizer_v2(model_without_ddp, **opt_kwargs)
-    lr_scheduler, _ = create_scheduler(args, optimizer)
+    lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=len(loader_train))
     amp_dtype, loss_scaler = amp_settings(args, device)
 
     if mixup_fn is not None:
@@ -364,7 +366,8 @@ def main(args):
             torch.cuda.reset_peak_memory_stats(device)
         train_stats = engine.train_one_epoch(model, step, loader_train, optimizer, device, epoch,
                                              mixup_fn=mixup_fn, model_ema=model_ema,
-                                             print_freq=args.print_freq, if_continue_inf=args.if_continue_inf)
+                                             print_freq=args.print_freq, if_continue_inf=args.if_continue_inf,
+                                             lr_scheduler=lr_scheduler if args.sched_on_updates else None)
         log = {'epoch': epoch, 'train_loss': train_stats['loss'], 'train_lr': train_stats['lr'],
                'epoch_time_s': train_stats['time_s'], 'train_images_per_s': train_stats['images_per_s']}
         if train_stats['nonfinite_steps']:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Real-data learning check on one GPU: Vim-Ti trained through main.py on CIFAR-10 (image-folder layout),
+# without fusion and with upper-layer fusion (layer 4, 8 tokens), 3 epochs of the DeiT recipe at batch 128
+# and 224 px; then prints each run's per-epoch log lines (accuracy, epoch time, peak memory).
+#   DATA_PATH    CIFAR-10 image folder (train/, val/)        [./datasets/cifar10_folder]
+#   MAKE_FOLDER  script that writes it if missing (the shared make_cifar10_imagefolder.py)
+#   OUTPUT_ROOT  parent of the two run folders               [./output/learning_check]
+# Arguments are appended to both runs (the check used: --cuda-graph --amp-dtype bfloat16 --sched-on-updates).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA_PATH="${DATA_PATH:-./datasets/cifar10_folder}"
+OUTPUT_ROOT="${OUTPUT_ROOT:-./output/learning_check}"
+if [[ ! -d "$DATA_PATH/train" ]]; then
+    python3 "${MAKE_FOLDER:?$DATA_PATH/train is missing: set MAKE_FOLDER to make_cifar10_imagefolder.py}" "$DATA_PATH"
+fi
+for run in "none --fusion-strategy no" "upper_L4_r8 --fusion-strategy upper --fusion-layer 4 --fusion-token 8"; do
+    name=${run%% *}
+    python3 -m torch.distributed.run --standalone --nproc_per_node=1 main.py \
+        --model vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2 \
+        --data-set FOLDER --data-path "$DATA_PATH" --batch-size 128 --epochs 3 --warmup-epochs 1 \
+        --num_workers "${NUM_WORKERS:-14}" --output_dir "$OUTPUT_ROOT/$name" ${run#* } "$@"
+done
+for name in none upper_L4_r8; do
+    echo "== $name"
+    cat "$OUTPUT_ROOT/$name/log.txt"
+done
