@@ -191,8 +191,6 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
         window_steps += 1
         if (i + 1) % print_freq == 0 or i + 1 == num_steps:
             flush(i)
-    if window_steps:
-        flush(i)
     elapsed = time.time() - start
     return {
         'loss': loss_sum / n_finite if n_finite else float('nan'),

@@ -138,3 +138,26 @@ def test_bad_settings_fail_before_training(data, tmp_path):
     with pytest.raises(main.UsageError, match='--eval needs --resume'):
         main.main(parser.parse_args(base + ['--eval']))
     assert not os.listdir(tmp_path)
+
+
+def test_finetune_from_a_vim_checkpoint_with_a_middle_class_token(data, tmp_path):
+    import main
+    name = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
+    size = dict(img_size=32, depth=4, embed_dim=32, patch_size=8)
+    src = timm.create_model(name, num_classes=10, cls_position='middle', **size).state_dict()
+    torch.save({'model': src}, tmp_path / 'vim.pth')
+    parser = main.get_args_parser()
+    base = [str(a) for a in TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', data, '--batch-size', BATCH,
+                                                  '--finetune', tmp_path / 'vim.pth']]
+    # lr 0 for one epoch: the saved weights are exactly what --finetune loaded
+    main.main(parser.parse_args(base + ['--epochs', '1', '--lr', '0', '--unscale-lr', '--no-model-ema',
+                                        '--output_dir', str(tmp_path / 'out')]))
+    got = torch.load(tmp_path / 'out' / 'checkpoint.pth', map_location='cpu', weights_only=False)['model']
+    assert got['head.weight'].shape == (100, 32)  # the 10-class head was dropped for a new 100-class one
+    assert torch.equal(got['pos_embed'][0, 0], src['pos_embed'][0, 8])  # middle (16 // 2) -> head
+    assert all(torch.equal(got[k], src[k]) for k in src if not k.startswith(('head.', 'pos_embed')))
+    # a checkpoint of another width fails, naming the keys
+    wide = timm.create_model(name, num_classes=10, **dict(size, embed_dim=48)).state_dict()
+    torch.save({'model': wide}, tmp_path / 'wide.pth')
+    with pytest.raises(main.UsageError, match=r'size mismatch.*cls_token: checkpoint \(1, 1, 48\) vs model \(1, 1, 32\)'):
+        main.main(parser.parse_args(base + ['--finetune', str(tmp_path / 'wide.pth'), '--epochs', '1']))
