@@ -51,6 +51,7 @@ class CUDAGraphTrainStep:
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.amp_dtype, self.clip_grad, self.warmup = amp_dtype, clip_grad, warmup
         self.calls, self.graph, self.static = 0, None, None
+        self.stream = torch.cuda.Stream()  # warm-up and capture share it, and so its cuBLAS workspace
 
     def _step(self):
         samples, targets = self.static
@@ -68,12 +69,11 @@ class CUDAGraphTrainStep:
         self.static[1].copy_(targets, non_blocking=True)
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
                 loss = self._step()
                 self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.stream)
             return loss
         if self.graph is None:
             self._capture()
@@ -90,8 +90,9 @@ class CUDAGraphTrainStep:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)  # backward inside the capture then writes, not accumulates
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self.stream):
             self.loss = self._step()
+        self.capture_peak_bytes = torch.cuda.max_memory_allocated()  # the graph's pool, as main.py logs it
         for group, lr in zip(groups, floats):
             group["lr"] = lr
 

@@ -175,6 +175,9 @@ def check_args(args):
                              'with float16 loss scaling')
         if not use_cuda:
             raise UsageError('--cuda-graph needs --device cuda')
+        if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+            raise UsageError('--cuda-graph trains in one process: the gradient all-reduce of several processes '
+                             'is not captured; drop --cuda-graph or use --nproc_per_node=1')
     if use_cuda and not torch.cuda.is_available():
         raise UsageError(f'--device {args.device} was asked for but CUDA is not available; use --device cpu')
     if args.fused_adamw and args.opt.lower() != 'adamw':
@@ -283,7 +286,7 @@ def main(args):
         print(f'Loaded {args.finetune} for fine-tuning')
     model.to(device)
     model_without_ddp = model
-    if args.distributed:
+    if args.distributed and utils.get_world_size() > 1:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
@@ -373,7 +376,8 @@ def main(args):
         if train_stats['nonfinite_steps']:
             log['train_nonfinite_steps'] = train_stats['nonfinite_steps']
         if device.type == 'cuda':
-            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            # A CUDA graph's private pool is allocated once, at capture: count it in every epoch.
+            peak = max(torch.cuda.max_memory_allocated(device), getattr(step, 'capture_peak_bytes', 0)) / 2 ** 20
             log['train_peak_mem_mib'] = peak
             peaks.append(peak)
 

@@ -105,18 +105,10 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias):
     return y.to(dtype)
 
 
-def _with_flipped(t):
-    """(B, E, L) -> (B, 2E, L) = [t ; flip(t)] in one gather (flip + cat would be two passes)."""
-    b, e, l = t.shape
-    forward = torch.arange(l, device=t.device)
-    index = torch.stack([forward, forward.flip(0)]).view(1, 2, 1, l)
-    return torch.take_along_dim(t.unsqueeze(1), index, dim=-1).view(b, 2 * e, l)
-
-
 def _both_directions(t):
     """(B, 2E, L) [a ; b] -> ([a ; flip(a)], [b ; flip(b)]), each (B, 2E, L) contiguous."""
     a, b = t.chunk(2, dim=1)
-    return _with_flipped(a), _with_flipped(b)
+    return torch.cat([a, a.flip(-1)], 1), torch.cat([b, b.flip(-1)], 1)
 
 
 def _add_directions(y):
@@ -207,7 +199,7 @@ class BiMambaInnerFn(torch.autograd.Function):
         delta, Bm, Cm = _split_x_dbl(x_dbl, dt_proj_w, n)
         dout = dout.to(xz.dtype)
         dy = torch.matmul(dout, out_proj_w * 0.5).transpose(1, 2)  # (B, E, L)
-        dout_z = _with_flipped(dy)
+        dout_z = torch.cat([dy, dy.flip(-1)], 1)
         du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = _scan_bwd(
             u, delta, A, Bm, Cm, D, zs, dt_bias, dout_z, states, out)
         # Weight gradients reduce over batch and length. As one GEMM per direction they are skinny
@@ -224,10 +216,7 @@ class BiMambaInnerFn(torch.autograd.Function):
         dx_proj_w = _batch_sum(torch.matmul(dx_dbl, u.transpose(2, 3)))
         du = du.view(b, 2, e, l) + torch.matmul(x_proj_w.transpose(1, 2), dx_dbl)
         dxs, dconv_w, dconv_b = _conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
-        dxz = torch.empty_like(xz)
-        for grad, part in ((dxs, dxz[:, :e]), (dzs, dxz[:, e:])):
-            fwd, bwd = grad.chunk(2, dim=1)
-            torch.add(fwd, bwd.flip(-1), out=part)
+        dxz = torch.cat([_add_directions(dxs), _add_directions(dzs)], 1)
         return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w
 
 

@@ -15,7 +15,7 @@ if [[ ! -d "$DATA_PATH/train" ]]; then
 fi
 for run in "none --fusion-strategy no" "upper_L4_r8 --fusion-strategy upper --fusion-layer 4 --fusion-token 8"; do
     name=${run%% *}
-    python3 -m torch.distributed.run --standalone --nproc_per_node=1 main.py \
+    python3 main.py \
         --model vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2 \
         --data-set FOLDER --data-path "$DATA_PATH" --batch-size 128 --epochs 3 --warmup-epochs 1 \
         --num_workers "${NUM_WORKERS:-14}" --output_dir "$OUTPUT_ROOT/$name" ${run#* } "$@"
