@@ -138,7 +138,7 @@ def measure(args, model_name, fusion, precision, batch_size, mode, variant):
         times = [s.elapsed_time(e) for s, e in times]
         peak = (torch.cuda.max_memory_allocated() - resident) / 2 ** 20
     else:
-        peak = float("nan")
+        peak = None  # no allocator statistics on the CPU
     gpu_ms = profile(step, samples, targets) if args.profile and cuda else None
     result = {
         "model": model_name, "strategy": strategy_label(fusion), **fusion, "precision": precision,
@@ -174,7 +174,7 @@ def add_ratios(results):
     for r in results:
         b = base.get(tuple(r[k] for k in group))
         r["time_vs_none"] = r["step_ms"] / b["step_ms"] if b else None
-        r["mem_vs_none"] = r["peak_mib"] / b["peak_mib"] if b else None
+        r["mem_vs_none"] = r["peak_mib"] / b["peak_mib"] if b and r["peak_mib"] is not None else None
     return results
 
 
@@ -184,7 +184,7 @@ def short_name(model_name):
 
 def markdown_table(results):
     def fmt(x, spec):
-        return "-" if x is None or x != x else format(x, spec)
+        return "-" if x is None else format(x, spec)
     lines = ["| model | precision | mode | variant | batch | strategy | step ms | img/s | peak MiB "
              "| time vs none | mem vs none | ideal |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -212,7 +212,8 @@ def main(args):
                         for fusion in args.strategies:
                             r = measure(args, model_name, fusion, precision, batch_size, mode, variant)
                             print(f"{short_name(model_name)} {precision} {mode} {variant} b{batch_size} "
-                                  f"{r['strategy']}: {r['step_ms']:.1f} ms, {r['peak_mib']:.0f} MiB", flush=True)
+                                  f"{r['strategy']}: {r['step_ms']:.1f} ms"
+                                  + (f", {r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else ""), flush=True)
                             results.append(r)
     add_ratios(results)
     table = markdown_table(results)

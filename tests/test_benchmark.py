@@ -1,0 +1,44 @@
+"""benchmark.py on the CPU at a tiny size: the table's shape, and ratios computed from the measured numbers."""
+import json
+
+import pytest
+
+import benchmark
+
+
+def test_benchmark_table_and_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    args = benchmark.get_args_parser().parse_args([
+        "--device", "cpu", "--depth", "2", "--embed-dim", "16", "--patch-size", "8", "--input-size", "32",
+        "--batch-sizes", "2", "--steps", "2", "--warmup", "1", "--precisions", "fp32", "bf16",
+        "--strategies", "none", "all:3", "upper:0:2", "--output", str(out)])
+    results = benchmark.main(args)
+    saved = json.loads(out.read_text())
+    assert saved["results"] == results
+    assert [r["strategy"] for r in results] == ["none", "all r3", "upper L0 r2"] * 2
+    for r in results:
+        base = next(b for b in results if b["precision"] == r["precision"] and b["strategy"] == "none")
+        assert r["time_vs_none"] == pytest.approx(r["step_ms"] / base["step_ms"])
+        assert r["images_per_s"] == pytest.approx(2 / r["step_ms"] * 1e3)
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+    # 17 tokens (16 patches + class token), depth 2: all r3 leaves 14 and 11, upper L0 r2 leaves 17 and 15
+    assert [r["ideal"] for r in results[:3]] == pytest.approx([1.0, 25 / 34, 32 / 34])
+    rows = [line for line in saved["table"].splitlines() if line.startswith("| Vim")]
+    assert len(rows) == 6
+    assert all(len(row.strip("|").split("|")) == 12 for row in rows)
+    assert rows[1].split("|")[10].strip() == format(results[1]["time_vs_none"], ".3f")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("none", {"fusion_strategy": "no", "fusion_layer": 0, "fusion_token": 0}),
+    ("lower:19:9", {"fusion_strategy": "lower", "fusion_layer": 19, "fusion_token": 9}),
+    ("interleaved:14", {"fusion_strategy": "interleaved", "fusion_layer": 0, "fusion_token": 14}),
+])
+def test_parse_strategy(text, expected):
+    assert benchmark.parse_strategy(text) == expected
+
+
+@pytest.mark.parametrize("text", ["upper:9", "all", "lower:a:2", "sideways:3"])
+def test_parse_strategy_rejects(text):
+    with pytest.raises(Exception, match="expected"):
+        benchmark.parse_strategy(text)
