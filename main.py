@@ -247,7 +247,7 @@ def evaluate_all(args, loader_val, model_without_ddp, model_ema, device, amp_dty
     sync = args.distributed and args.dist_eval
     stats = {f'test_{k}': v for k, v in engine.evaluate(loader_val, model_without_ddp, device,
                                                          amp_dtype=amp_dtype, sync=sync).items()}
-    if model_ema is not None and next(model_ema.module.parameters()).device == device:
+    if model_ema is not None and next(model_ema.module.parameters()).device.type == device.type:  # cuda:0 vs cuda
         ema = engine.evaluate(loader_val, model_ema.module, device, amp_dtype=amp_dtype, sync=sync)
         stats.update({f'test_ema_{k}': v for k, v in ema.items()})
     return stats
