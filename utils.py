@@ -1,5 +1,6 @@
 """Distributed setup, seeding, atomic file writes and checkpoint helpers (DeiT conventions)."""
 import builtins
+import contextlib
 import datetime
 import json
 import math
@@ -89,14 +90,15 @@ def format_hms(seconds):
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temp file in the target directory, then os.replace: a crash never leaves a
-    half-written checkpoint under the final name."""
+@contextlib.contextmanager
+def _atomic_open(path, mode):
+    """Write to a temp file in the target directory, then os.replace: a crash never leaves a
+    half-written file under the final name (and never touches the previous one)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth', dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=os.path.splitext(path)[1], dir=directory)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -106,18 +108,15 @@ def atomic_torch_save(obj, path):
         raise
 
 
+def atomic_torch_save(obj, path):
+    with _atomic_open(path, 'wb') as f:
+        torch.save(obj, f)
+
+
 def atomic_write_json(obj, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.json', dir=directory)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=2)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _atomic_open(path, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
 
 
 def append_json_line(obj, path):
