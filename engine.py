@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-# ---- train steps (lead) ----
+
 def _forward_backward_step(model, criterion, optimizer, samples, targets, amp_dtype, loss_scaler, clip_grad,
                            autocast_cache=True):
     """Forward under autocast, loss, backward, clipping, optimizer step. Returns the (unsynced) loss."""
@@ -39,8 +39,8 @@ class CUDAGraphTrainStep:
     replayed: one launch per step instead of thousands, which is what turns fused tokens into saved time.
 
     Token fusion keeps every shape static (the per-layer token counts are fixed), so one capture serves the
-    whole run. The first ``warmup`` calls run eagerly on a side stream (allocator, cuBLAS and Triton set-up
-    happen outside the capture). Inputs are copied into static buffers; the optimizer must be capturable, and
+    whole run. The first ``warmup`` calls run eagerly on the stream the capture will use (allocator and
+    cuBLAS set-up happen outside the capture). Inputs are copied into static buffers; the optimizer must be capturable, and
     the learning rates that the scheduler writes into ``optimizer.param_groups`` as floats are copied into the
     device tensors the graph reads before each replay. Needs a fixed batch shape (drop_last) and no loss scaler.
     """
@@ -111,7 +111,6 @@ def build_train_step(model, criterion, optimizer, *, amp_dtype, loss_scaler, cli
         return loss
 
     return step
-# ---- end train steps ----
 
 
 class NonFiniteLossError(RuntimeError):
