@@ -186,7 +186,7 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     keep, dst_out, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)
     if mode == "size" and size is None:
         size = torch.ones(hidden.shape[:2] + (1,), device=hidden.device, dtype=torch.float32)
-    both = torch.cat([hidden, residual], dim=-1)  # one gather/scatter for both streams
+    both = torch.cat([hidden, residual], dim=-1)  # one index_select/index_add for both streams
     fused, new_size = merge(both, src, keep, dst_out, size if mode == "size" else None)
     new_hidden, residual = fused.split(hidden.shape[-1], dim=-1)
     return new_hidden.to(hidden.dtype), residual, cls_out, (new_size if mode == "size" else None)
