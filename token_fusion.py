@@ -111,19 +111,17 @@ def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=Non
     """
     batch, r = src.shape
     device = src.device
+    # No class token, or one at position 0 (the first A token, never fused): its index stays as it is.
+    static_cls = cls_index is None or (isinstance(cls_index, int) and cls_index == 0)
+    cls = None if static_cls else torch.as_tensor(cls_index, device=device).expand(batch)
     if order == "released":
         n_kept_a = kept_a.shape[1]
         odd = torch.arange(1, num_tokens, 2, device=device).expand(batch, -1)
         keep = torch.cat([kept_a, odd], dim=1)
         dst_out = n_kept_a + (dst - 1) // 2
-        if cls_index is None:
-            cls_out = None
-        elif isinstance(cls_index, int) and cls_index == 0:
-            cls_out = 0  # position 0 is the first A token and is never fused: it stays first
-        else:
-            cls = torch.as_tensor(cls_index, device=device).expand(batch)
-            cls_out = torch.where(cls % 2 == 0, (kept_a < cls[:, None]).sum(1), n_kept_a + (cls - 1) // 2)
-        return keep, dst_out, cls_out
+        if static_cls:
+            return keep, dst_out, cls_index
+        return keep, dst_out, torch.where(cls % 2 == 0, (kept_a < cls[:, None]).sum(1), n_kept_a + (cls - 1) // 2)
     if order != "spatial":
         raise ValueError(f"fusion order must be one of {ORDERS}, got {order!r}")
     merged = torch.zeros(batch, num_tokens, dtype=torch.long, device=device).scatter_(1, src, 1)
@@ -131,14 +129,9 @@ def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=Non
     keep = (positions + num_tokens * merged).argsort(dim=1)[:, :num_tokens - r]
     merged_before = merged.cumsum(dim=1)  # merged tokens at or before each position
     dst_out = dst - merged_before.gather(1, dst)
-    if cls_index is None:
-        cls_out = None
-    elif isinstance(cls_index, int) and cls_index == 0:
-        cls_out = 0
-    else:
-        cls = torch.as_tensor(cls_index, device=device).expand(batch)
-        cls_out = cls - merged_before.gather(1, cls[:, None]).squeeze(1)
-    return keep, dst_out, cls_out
+    if static_cls:
+        return keep, dst_out, cls_index
+    return keep, dst_out, cls - merged_before.gather(1, cls[:, None]).squeeze(1)
 
 
 def merge(x, src, keep, dst_out, size=None):
