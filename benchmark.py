@@ -1,9 +1,9 @@
 """Training-step benchmark: what token fusion does to step time and peak memory, without data loading.
 
-Each configuration (model x precision x batch size x mode x variant x strategy) times full training steps
+Each configuration (model x kernels x precision x batch size x mode x variant x strategy) times full training steps
 (forward, loss, backward, AdamW step) on a fixed random batch with the same step object main.py trains
-with (engine.build_train_step). Ratios are taken against the no-fusion run of the same model, precision,
-batch size, mode and variant, measured in the same process, and printed next to the ideal: the fraction of
+with (engine.build_train_step). Ratios are taken against the no-fusion run of the same model, kernels,
+precision, batch size, mode and variant, measured in the same process, and printed next to the ideal: the fraction of
 token-layers that remain (spec section 3).
 
     python benchmark.py --models vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2 \
@@ -14,6 +14,7 @@ Strategies are written ``name[:layer]:token`` (``none``, ``all:7``, ``interleave
 """
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import time
@@ -24,6 +25,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
 import models_mamba  # noqa: F401  (registers the Vim models)
+import ssm_ops
 from engine import build_train_step
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,7 +76,8 @@ def get_args_parser():
     p.add_argument("--embed-dim", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--fusion-order", default="released", choices=["released", "spatial"])
-    p.add_argument("--ssm-backend", default="auto", choices=["auto", "cuda", "torch"])
+    p.add_argument("--ssm-backends", nargs="+", default=["auto"], choices=ssm_ops.BACKENDS,
+                   help="mixer kernels to compare (main.py --ssm-backend)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (a graph is captured after 3)")
     p.add_argument("--device", default="cuda")
@@ -86,7 +89,7 @@ def get_args_parser():
     return p
 
 
-def measure(args, model_name, fusion, precision, batch_size, mode, variant):
+def measure(args, model_name, backend, fusion, precision, batch_size, mode, variant):
     """Median step time (ms) and peak allocated memory (MiB) of one configuration.
 
     Peak memory counts everything the configuration allocates (weights, optimizer state, batch, activations,
@@ -105,7 +108,7 @@ def measure(args, model_name, fusion, precision, batch_size, mode, variant):
     overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
                                    ("patch_size", args.patch_size)) if v is not None}
     model = timm.create_model(model_name, num_classes=args.num_classes, img_size=args.input_size,
-                              drop_path_rate=0.0, fusion_order=args.fusion_order, ssm_backend=args.ssm_backend,
+                              drop_path_rate=0.0, fusion_order=args.fusion_order, ssm_backend=backend,
                               **fusion, **overrides).to(device).train()
     graph = mode == "graph"
     opt_kwargs = {"capturable": True} if graph else {}
@@ -141,7 +144,8 @@ def measure(args, model_name, fusion, precision, batch_size, mode, variant):
         peak = None  # no allocator statistics on the CPU
     gpu_ms = profile(step, samples, targets) if args.profile and cuda else None
     result = {
-        "model": model_name, "strategy": strategy_label(fusion), **fusion, "precision": precision,
+        "model": model_name, "ssm_backend": ssm_ops.resolve_backend(backend, samples),
+        "strategy": strategy_label(fusion), **fusion, "precision": precision,
         "batch_size": batch_size, "mode": mode, "variant": variant,
         "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
         "images_per_s": batch_size / statistics.median(times) * 1e3, "peak_mib": peak,
@@ -168,8 +172,8 @@ def profile(step, samples, targets, steps=5):
 
 
 def add_ratios(results):
-    """time/memory vs the no-fusion run with the same model, precision, batch size, mode and variant."""
-    group = ("model", "precision", "batch_size", "mode", "variant")
+    """time/memory vs the no-fusion run with the same model, kernels, precision, batch size, mode and variant."""
+    group = ("model", "ssm_backend", "precision", "batch_size", "mode", "variant")
     base = {tuple(r[k] for k in group): r for r in results if r["fusion_strategy"] == "no"}
     for r in results:
         b = base.get(tuple(r[k] for k in group))
@@ -185,11 +189,11 @@ def short_name(model_name):
 def markdown_table(results):
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
-    lines = ["| model | precision | mode | variant | batch | strategy | step ms | img/s | peak MiB "
+    lines = ["| model | kernels | precision | mode | variant | batch | strategy | step ms | img/s | peak MiB "
              "| time vs none | mem vs none | ideal |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {short_name(r['model'])} | {r['precision']} | {r['mode']} | {r['variant']} "
+        lines.append(f"| {short_name(r['model'])} | {r['ssm_backend']} | {r['precision']} | {r['mode']} | {r['variant']} "
                      f"| {r['batch_size']} | {r['strategy']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} "
                      f"| {fmt(r['peak_mib'], '.0f')} | {fmt(r['time_vs_none'], '.3f')} "
                      f"| {fmt(r['mem_vs_none'], '.3f')} | {r['ideal']:.3f} |")
@@ -204,17 +208,14 @@ def main(args):
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
            else "cpu", "command": " ".join(__import__("sys").argv)}
     results = []
-    for model_name in args.models:
-        for precision in args.precisions:
-            for batch_size in args.batch_sizes:
-                for mode in args.modes:
-                    for variant in args.variants:
-                        for fusion in args.strategies:
-                            r = measure(args, model_name, fusion, precision, batch_size, mode, variant)
-                            print(f"{short_name(model_name)} {precision} {mode} {variant} b{batch_size} "
-                                  f"{r['strategy']}: {r['step_ms']:.1f} ms"
-                                  + (f", {r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else ""), flush=True)
-                            results.append(r)
+    grid = itertools.product(args.models, args.ssm_backends, args.precisions, args.batch_sizes, args.modes,
+                             args.variants, args.strategies)
+    for model_name, backend, precision, batch_size, mode, variant, fusion in grid:
+        r = measure(args, model_name, backend, fusion, precision, batch_size, mode, variant)
+        print(f"{short_name(model_name)} {r['ssm_backend']} {precision} {mode} {variant} b{batch_size} "
+              f"{r['strategy']}: {r['step_ms']:.1f} ms"
+              + (f", {r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else ""), flush=True)
+        results.append(r)
     add_ratios(results)
     table = markdown_table(results)
     print(f"\n{env['device']}, torch {env['torch']}\n{table}")

@@ -23,6 +23,7 @@ import datasets
 import engine
 import models_mamba  # noqa: F401  (registers the Vim models with timm)
 import samplers
+import ssm_ops
 import utils
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
@@ -50,8 +51,9 @@ def get_args_parser():
     parser.add_argument('--patch-size', type=int, default=None, help="patch size (default: the model's own)")
     parser.add_argument('--cls-position', default='head', choices=['head', 'middle'],
                         help="class token at position 0 (Famba-V) or M//2 (Vim's checkpoints)")
-    parser.add_argument('--ssm-backend', default='auto', choices=['auto', 'cuda', 'torch'],
-                        help='selective scan: mamba-ssm CUDA kernels, pure torch, or auto (CUDA if available)')
+    parser.add_argument('--ssm-backend', default='auto', choices=ssm_ops.BACKENDS,
+                        help='mixer kernels: triton (Triton scan + causal-conv1d), cuda (mamba-ssm scan + '
+                             'causal-conv1d), torch (pure PyTorch), auto (the first available kernels on CUDA)')
 
     # Famba-V token fusion
     parser.add_argument('--fusion-strategy', default='no', choices=FUSION_STRATEGIES,

@@ -5,11 +5,13 @@ One narrow function, two implementations:
     bimamba_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend) -> (B, L, Dm)
 
 * ``torch``: a pure-PyTorch reference written from the recurrence (any device, any dtype, plain autograd).
-* ``cuda``: mamba-ssm's selective-scan and causal-conv1d kernels inside one autograd Function. Both scan
-  directions run in one kernel call (the scan's grouped-B/C mode, one group per direction), and the conv
-  output and delta are recomputed in the backward pass instead of being stored, as mamba-ssm's own
-  ``mamba_inner_fn`` does; so a layer keeps only xz, the pre-gate scan output, the small x_proj output and
-  the scan's chunk states for its backward pass.
+* ``triton`` and ``cuda``: causal-conv1d's conv kernels and a selective-scan kernel inside one autograd
+  Function; ``triton`` scans with kernels_triton.py (cost proportional to the sequence length, so
+  fused layers get cheaper token by token), ``cuda`` with mamba-ssm's scan (cost in steps of powers of two
+  in the length). Both scan directions run in one kernel call (the scan's grouped-B/C mode, one group per
+  direction), and the conv output and delta are recomputed in the backward pass instead of being stored, as
+  mamba-ssm's own ``mamba_inner_fn`` does; so a layer keeps only xz, the pre-gate scan output, the small
+  x_proj output and the scan's chunk states for its backward pass.
 
 Math (spec section 6), with the parameters of the two directions stacked along the channel axis
 (forward direction first, E channels each):
@@ -21,21 +23,36 @@ Math (spec section 6), with the parameters of the two directions stacked along t
     h_t    = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = C_t . h_t + D u_t;  y = y * SiLU(zs)
     out    = out_proj_w @ (y[:, :E] + flip(y[:, E:])) / 2
 
-Nothing of mamba-ssm or causal-conv1d is imported on a machine without them.
+Nothing of mamba-ssm, causal-conv1d or Triton is imported on a machine without them.
 """
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-try:  # CUDA-only packages; the reference path needs neither.
-    import selective_scan_cuda
+# Optional packages; the reference path needs none of them.
+try:
     from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
-    KERNELS_AVAILABLE = True
+    CONV_AVAILABLE = True
 except ImportError:
-    KERNELS_AVAILABLE = False
+    CONV_AVAILABLE = False
+try:
+    import selective_scan_cuda
+    MAMBA_SCAN_AVAILABLE = True
+except ImportError:
+    MAMBA_SCAN_AVAILABLE = False
+try:
+    import kernels_triton
+    TRITON_AVAILABLE = True
+except ImportError:
+    TRITON_AVAILABLE = False
 
-BACKENDS = ("auto", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch")
+KERNEL_BACKENDS = {  # backend -> (available, what it needs)
+    "triton": (TRITON_AVAILABLE, "Triton"),
+    "cuda": (CONV_AVAILABLE and MAMBA_SCAN_AVAILABLE, "mamba-ssm and causal-conv1d"),
+}
+KERNELS_AVAILABLE = any(ok for ok, _ in KERNEL_BACKENDS.values())
 INSTALL_HINT = ("pip install causal-conv1d mamba-ssm --no-build-isolation (versions matching your torch and CUDA; "
                 "see README 'Install')")
 _warned_no_kernels = False
@@ -45,28 +62,32 @@ def check_backend(name):
     """Validate an ``ssm_backend`` setting at model construction."""
     if name not in BACKENDS:
         raise ValueError(f"ssm_backend must be one of {BACKENDS}, got {name!r}")
-    if name == "cuda" and not KERNELS_AVAILABLE:
-        raise ValueError("ssm_backend='cuda' needs the mamba-ssm and causal-conv1d CUDA kernels, which are not "
-                         f"importable here. Install them ({INSTALL_HINT}) or use ssm_backend='torch'.")
+    if name in KERNEL_BACKENDS and not KERNEL_BACKENDS[name][0]:
+        raise ValueError(f"ssm_backend={name!r} needs {KERNEL_BACKENDS[name][1]}, which are not importable here. "
+                         f"Install them ({INSTALL_HINT}) or use ssm_backend='torch'.")
 
 
 def resolve_backend(name, tensor):
-    """'cuda' or 'torch' for an input tensor; 'auto' takes the kernels on CUDA tensors when installed."""
+    """'triton', 'cuda' or 'torch' for an input tensor; 'auto' takes the kernels on CUDA tensors when
+    installed, the Triton scan first."""
     global _warned_no_kernels
     if name == "torch":
         return "torch"
-    if name == "cuda":
+    if name in KERNEL_BACKENDS:
         if not tensor.is_cuda:
-            raise RuntimeError(f"ssm_backend='cuda' needs CUDA tensors, got a tensor on {tensor.device}")
-        return "cuda"
-    if tensor.is_cuda and not KERNELS_AVAILABLE:
-        if not _warned_no_kernels:
-            warnings.warn("\n" + "!" * 80 + "\nRunning Vision Mamba on CUDA WITHOUT the mamba-ssm / causal-conv1d "
-                          "kernels: the pure-PyTorch selective scan is a slow Python loop over tokens and stores "
-                          f"every state. Install the kernels: {INSTALL_HINT}\n" + "!" * 80, stacklevel=3)
-            _warned_no_kernels = True
+            raise RuntimeError(f"ssm_backend={name!r} needs CUDA tensors, got a tensor on {tensor.device}")
+        return name
+    if not tensor.is_cuda:
         return "torch"
-    return "cuda" if tensor.is_cuda else "torch"
+    for backend, (ok, _) in KERNEL_BACKENDS.items():
+        if ok:
+            return backend
+    if not _warned_no_kernels:
+        warnings.warn("\n" + "!" * 80 + "\nRunning Vision Mamba on CUDA WITHOUT the causal-conv1d / scan kernels: "
+                      "the pure-PyTorch selective scan is a slow Python loop over tokens and stores every state. "
+                      f"Install the kernels: {INSTALL_HINT}\n" + "!" * 80, stacklevel=3)
+        _warned_no_kernels = True
+    return "torch"
 
 
 # ----------------------------------------------------------------------------- reference implementation
@@ -171,19 +192,30 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out):
     return selective_scan_cuda.bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out, None, True, True)
 
 
+def _kernels(backend):
+    """(conv_fwd, conv_bwd, scan_fwd, scan_bwd) of a kernel backend, looked up when called (tests swap the
+    mamba-ssm / causal-conv1d wrappers for emulations)."""
+    if backend == "triton":
+        k = kernels_triton
+        return k.conv_fwd, k.conv_bwd, k.scan_fwd, k.scan_bwd
+    return _conv_fwd, _conv_bwd, _scan_fwd, _scan_bwd
+
+
 class BiMambaInnerFn(torch.autograd.Function):
     """bimamba_inner_ref with kernels, both directions in one scan call, conv output and delta recomputed."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w):
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend="cuda"):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             xz, x_proj_w, dt_proj_w, out_proj_w = (t.to(dtype) for t in (xz, x_proj_w, dt_proj_w, out_proj_w))
+        conv_fwd, _, scan_fwd, _ = _kernels(backend)
         xs, zs = _both_directions(xz)
-        u = _conv_fwd(xs, conv_w, conv_b)
+        u = conv_fwd(xs, conv_w, conv_b)
         x_dbl, delta, Bm, Cm = _project(u, x_proj_w, dt_proj_w, A.shape[-1])
-        out, states, out_z = _scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
+        out, states, out_z = scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
+        ctx.backend = backend
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, out)
         return F.linear(_add_directions(out_z).transpose(1, 2), out_proj_w * 0.5)  # the /2 folded into the weight
 
@@ -194,13 +226,14 @@ class BiMambaInnerFn(torch.autograd.Function):
         b, e2, l = xz.shape
         e, n = e2 // 2, A.shape[-1]
         rank = x_dbl.shape[2] - 2 * n
+        conv_fwd, conv_bwd, _, scan_bwd = _kernels(ctx.backend)
         xs, zs = _both_directions(xz)
-        u = _conv_fwd(xs, conv_w, conv_b)
+        u = conv_fwd(xs, conv_w, conv_b)
         delta, Bm, Cm = _split_x_dbl(x_dbl, dt_proj_w, n)
         dout = dout.to(xz.dtype)
         dy = torch.matmul(dout, out_proj_w * 0.5).transpose(1, 2)  # (B, E, L)
         dout_z = torch.cat([dy, dy.flip(-1)], 1)
-        du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = _scan_bwd(
+        du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = scan_bwd(
             u, delta, A, Bm, Cm, D, zs, dt_bias, dout_z, states, out)
         # Weight gradients reduce over batch and length. As one GEMM per direction they are skinny
         # (K = B*L) and cuBLAS runs them on a handful of SMs; one GEMM per sample (reducing over L) and a
@@ -215,14 +248,15 @@ class BiMambaInnerFn(torch.autograd.Function):
         u = u.view(b, 2, e, l)
         dx_proj_w = _batch_sum(torch.matmul(dx_dbl, u.transpose(2, 3)))
         du = du.view(b, 2, e, l) + torch.matmul(x_proj_w.transpose(1, 2), dx_dbl)
-        dxs, dconv_w, dconv_b = _conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
+        dxs, dconv_w, dconv_b = conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
         dxz = torch.cat([_add_directions(dxs), _add_directions(dzs)], 1)
-        return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w
+        return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w, None
 
 
 def bimamba_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend="auto"):
     """Dispatch to the kernels or the reference; arguments as bimamba_inner_ref."""
     args = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w)
-    if resolve_backend(backend, xz) == "cuda":
-        return BiMambaInnerFn.apply(*args)
-    return bimamba_inner_ref(*args)
+    backend = resolve_backend(backend, xz)
+    if backend == "torch":
+        return bimamba_inner_ref(*args)
+    return BiMambaInnerFn.apply(*args, backend)

@@ -25,8 +25,9 @@ def test_benchmark_table_and_ratios(tmp_path):
     assert [r["ideal"] for r in results[:3]] == pytest.approx([1.0, 25 / 34, 32 / 34])
     rows = [line for line in saved["table"].splitlines() if line.startswith("| Vim")]
     assert len(rows) == 6
-    assert all(len(row.strip("|").split("|")) == 12 for row in rows)
-    assert rows[1].split("|")[10].strip() == format(results[1]["time_vs_none"], ".3f")
+    assert all(len(row.strip("|").split("|")) == 13 for row in rows)
+    assert rows[1].split("|")[11].strip() == format(results[1]["time_vs_none"], ".3f")
+    assert {r["ssm_backend"] for r in results} == {"torch"}  # 'auto' on the CPU
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -1,7 +1,7 @@
 """CUDA-only checks, run on the GPU machine (scripts/gpu_check.sh); they skip on machines without CUDA or
-without the mamba-ssm / causal-conv1d kernels.
+without kernels (causal-conv1d with Triton or mamba-ssm).
 
-The kernel path and the pure-PyTorch path of the whole Vim-Ti model agree (fp32 logits and every parameter
+Each kernel path and the pure-PyTorch path of the whole Vim-Ti model agree (fp32 logits and every parameter
 gradient), for every strategy; the CUDA-graph training step trains like the eager step and follows the
 learning rate the scheduler writes."""
 import pytest
@@ -10,7 +10,8 @@ import torch
 import ssm_ops
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ssm_ops.KERNELS_AVAILABLE),
-                                reason="needs a CUDA device and the mamba-ssm / causal-conv1d kernels")
+                                reason="needs a CUDA device and kernels (causal-conv1d with Triton or mamba-ssm)")
+KERNEL_BACKENDS = [name for name, (available, _) in ssm_ops.KERNEL_BACKENDS.items() if available]
 
 import timm  # noqa: E402
 
@@ -35,9 +36,9 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _pair(**kwargs):
+def _pair(backend, **kwargs):
     torch.manual_seed(0)
-    fast = timm.create_model(VIM_TI, num_classes=100, drop_path_rate=0.0, ssm_backend="cuda", **kwargs).cuda()
+    fast = timm.create_model(VIM_TI, num_classes=100, drop_path_rate=0.0, ssm_backend=backend, **kwargs).cuda()
     ref = timm.create_model(VIM_TI, num_classes=100, drop_path_rate=0.0, ssm_backend="torch", **kwargs).cuda()
     ref.load_state_dict(fast.state_dict())
     return fast, ref
@@ -50,28 +51,31 @@ def _logits_and_grads(model, x, w, amp_dtype=None):
     return out.float().detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_kernel_path_matches_torch_path_fp32(name):
-    fast, ref = _pair(**STRATEGIES[name])
+def test_kernel_path_matches_torch_path_fp32(name, backend):
+    fast, ref = _pair(backend, **STRATEGIES[name])
     x = torch.randn(4, 3, 224, 224, device="cuda")
     w = torch.randn(4, 100, device="cuda")
     out_fast, grads_fast = _logits_and_grads(fast, x, w)
     out_ref, grads_ref = _logits_and_grads(ref, x, w)
     assert rel(out_fast, out_ref) < 1e-3
     worst = max(((rel(grads_fast[n], g), n) for n, g in grads_ref.items() if g.norm() > 0))
-    print(f"{name}: logits rel err {rel(out_fast, out_ref):.2e}, worst grad rel err {worst[0]:.2e} ({worst[1]})")
+    print(f"{backend} {name}: logits rel err {rel(out_fast, out_ref):.2e}, worst grad rel err {worst[0]:.2e} ({worst[1]})")
     assert worst[0] < 1e-3, worst
     zero_ref = [n for n, g in grads_ref.items() if g.norm() == 0]
     assert all(grads_fast[n].norm() < 1e-6 for n in zero_ref)
 
 
-def test_kernel_path_bf16_autocast_close_to_fp32_reference():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_path_bf16_autocast_close_to_fp32_reference(backend):
     # Without fusion only: bf16 rounding can flip which tokens a fused layer matches.
-    fast, ref = _pair()
+    fast, ref = _pair(backend)
     x = torch.randn(4, 3, 224, 224, device="cuda")
     w = torch.randn(4, 100, device="cuda")
     out_fast, grads_fast = _logits_and_grads(fast, x, w, torch.bfloat16)
     out_ref, _ = _logits_and_grads(ref, x, w)
+    print(f"{backend} bf16: logits rel err {rel(out_fast, out_ref):.2e}")
     assert rel(out_fast, out_ref) < 5e-2
     assert all(torch.isfinite(g).all() for g in grads_fast.values())
 

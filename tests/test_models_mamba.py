@@ -445,7 +445,7 @@ def test_invalid_settings_raise_with_allowed_values():
         (dict(fusion_order="random"), ["released", "spatial"]),
         (dict(fusion_mode="max"), ["mean", "size"]),
         (dict(cls_position="tail"), ["head", "middle"]),
-        (dict(ssm_backend="triton"), ["auto", "cuda", "torch"]),
+        (dict(ssm_backend="mamba"), ["auto", "triton", "cuda", "torch"]),
     ]
     for kw, names in cases:
         with pytest.raises(ValueError) as err:

@@ -93,37 +93,49 @@ def _emu_scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out):
     return du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z.detach()
 
 
-def test_kernel_function_matches_reference_autograd(monkeypatch):
+def _function_inputs(dtype):
+    b, e, l, n, r, dm, w = 2, 8, 37, 4, 2, 5, 4
+    f = dict(dtype=dtype)
+    inputs = [torch.randn(b, 2 * e, l, **f), torch.randn(2 * e, w, **f) * 0.5, torch.randn(2 * e, **f),
+              torch.randn(2, r + 2 * n, e, **f) * 0.5, torch.randn(2, e, r, **f) * 0.5,
+              torch.randn(2 * e, **f) * 0.1, -torch.rand(2 * e, n, **f) - 0.1, torch.randn(2 * e, **f),
+              torch.randn(dm, e, **f) * 0.5]
+    return inputs, torch.randn(b, l, dm, **f)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kernel_function_matches_reference_autograd(monkeypatch, backend):
     """Forward and every gradient of BiMambaInnerFn (flips, stacking, recompute, grouped B/C) equal the
-    reference composition in float64."""
-    for name, fn in [("_conv_fwd", _emu_conv_fwd), ("_conv_bwd", _emu_conv_bwd),
-                     ("_scan_fwd", _emu_scan_fwd), ("_scan_bwd", _emu_scan_bwd)]:
-        monkeypatch.setattr(ssm_ops, name, fn)
+    reference composition in float64. 'cuda': the kernels emulated in float64 (exact plumbing check);
+    'triton': the real Triton kernels (float32 inside; Triton's interpreter on the CPU), three scan chunks."""
+    if backend == "cuda":
+        for name, fn in [("_conv_fwd", _emu_conv_fwd), ("_conv_bwd", _emu_conv_bwd),
+                         ("_scan_fwd", _emu_scan_fwd), ("_scan_bwd", _emu_scan_bwd)]:
+            monkeypatch.setattr(ssm_ops, name, fn)
     torch.manual_seed(0)
-    b, e, l, n, r, dm, w = 2, 6, 9, 3, 2, 5, 4
-    f64 = dict(dtype=torch.float64)
-    inputs = [torch.randn(b, 2 * e, l, **f64), torch.randn(2 * e, w, **f64) * 0.5, torch.randn(2 * e, **f64),
-              torch.randn(2, r + 2 * n, e, **f64) * 0.5, torch.randn(2, e, r, **f64) * 0.5,
-              torch.randn(2 * e, **f64) * 0.1, -torch.rand(2 * e, n, **f64) - 0.1, torch.randn(2 * e, **f64),
-              torch.randn(dm, e, **f64) * 0.5]
-    dout = torch.randn(b, l, dm, **f64)
-    ref_in = [t.clone().requires_grad_() for t in inputs]
+    inputs, dout = _function_inputs(torch.float64 if backend == "cuda" else torch.float32)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ref_out = ssm_ops.bimamba_inner_ref(*ref_in)
-    ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
-    fn_in = [t.clone().requires_grad_() for t in inputs]
-    fn_out = ssm_ops.BiMambaInnerFn.apply(*fn_in)
-    fn_grads = torch.autograd.grad(fn_out, fn_in, dout)
-    assert torch.allclose(fn_out, ref_out, rtol=1e-10, atol=1e-12)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    fn_in = [t.clone().to(device).requires_grad_() for t in inputs]
+    fn_out = ssm_ops.BiMambaInnerFn.apply(*fn_in, backend)
+    fn_grads = torch.autograd.grad(fn_out, fn_in, dout.to(device))
+    tol = dict(rtol=1e-9, atol=1e-11) if backend == "cuda" else dict(rtol=1e-4, atol=1e-5)
+    assert fn_out.dtype == inputs[0].dtype
+    assert torch.allclose(fn_out.double().cpu(), ref_out, **tol)
     for i, (g_fn, g_ref) in enumerate(zip(fn_grads, ref_grads)):
         assert g_fn.shape == g_ref.shape, i
-        assert torch.allclose(g_fn, g_ref, rtol=1e-9, atol=1e-11), f"gradient of input {i}"
+        assert torch.allclose(g_fn.double().cpu(), g_ref, **tol), f"gradient of input {i}"
 
 
 def test_backend_validation():
     with pytest.raises(ValueError, match="ssm_backend must be one of"):
-        ssm_ops.check_backend("triton")
-    if not ssm_ops.KERNELS_AVAILABLE:
-        with pytest.raises(ValueError, match="not importable"):
-            ssm_ops.check_backend("cuda")
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        ssm_ops.resolve_backend("cuda", torch.zeros(1))
+        ssm_ops.check_backend("mamba")
+    for name, (available, needs) in ssm_ops.KERNEL_BACKENDS.items():
+        if not available:
+            with pytest.raises(ValueError, match=f"needs {needs}, which are not importable"):
+                ssm_ops.check_backend(name)
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            ssm_ops.resolve_backend(name, torch.zeros(1))
+    assert ssm_ops.resolve_backend("auto", torch.zeros(1)) == "torch"

@@ -1,0 +1,303 @@
+"""Triton kernels for Vim's mixer whose cost follows the sequence length: causal depthwise conv + SiLU,
+and the selective scan.
+
+mamba-ssm's scan and causal-conv1d size their work per thread block from the sequence length in steps of
+powers of two (the scan: a 197-token and a 129-token layer cost the same), so token fusion saves little
+of their time until a layer drops below the next step. These kernels tile the sequence finely: a layer's
+cost is proportional to its chunks of tokens.
+
+Conv (width 4, channels first): u = SiLU(b + sum_k w_k x_{t-3+k}), zero left padding; (B, D, L) -> (B, D, L).
+
+Scan, same contract as ``selective_scan_cuda`` with delta_softplus=True and z given (spec section 6):
+
+    delta  = softplus(delta_raw + delta_bias)                       u, delta_raw, z: (Bt, Dc, L)
+    h_t    = exp(delta_t A) h_{t-1} + delta_t B_t u_t               A: (Dc, N); B, C: (Bt, G, N, L)
+    out_t  = C_t . h_t + D u_t;   out_z = out * SiLU(z)             channel d reads group d // (Dc // G)
+
+Inside a chunk the recurrence is an associative scan over pairs (a, x) with
+(a1, x1) . (a2, x2) = (a1 a2, a2 x1 + x2); the state at the end of each chunk is carried to the next, and
+the state after every STATE_CHUNK tokens is kept for the backward pass (``states``: (Bt, Dc, ceil(L /
+STATE_CHUNK) - 1, N), float32).
+
+Backward, per STATE_CHUNK tokens from the last: recompute h_t from the kept state, then the state gradient
+g_t = C_t dy_t + a_{t+1} g_{t+1} by a reverse scan, and with a_t h_{t-1} = h_t - x_t:
+    du_t = delta_t sum_n g B + D dy        ddelta_t = sum_n g (B u + A (h - x))
+    dB_t = sum_d g delta u                 dC_t = sum_d dy h            dA = sum_{b,t} g delta (h - x)
+Each program writes float32 partial sums of the reductions over channels (dB, dC) or over the batch and
+sequence (dA, dD, ddelta_bias, the conv's weight and bias); torch adds them up, so gradients are
+deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+STATE_CHUNK = 16                # tokens between kept states = the backward pass's chunk
+FWD_CHUNK, FWD_CHANNELS, FWD_WARPS = 8, 8, 1   # the forward pass's chunk (divides STATE_CHUNK), channels
+BWD_CHANNELS, BWD_WARPS = 4, 2                  # per program, warps per program (tuned on an H200)
+
+
+@triton.jit
+def _affine_combine(a1, x1, a2, x2):
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+
+@triton.jit
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+                     out_ptr, out_z_ptr, states_ptr,
+                     L, n_chunks, n_states, CH: tl.constexpr, G: tl.constexpr, N: tl.constexpr,
+                     BD: tl.constexpr, T: tl.constexpr, S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    n = tl.arange(0, N)
+    k = tl.arange(0, T)
+    g = (tl.program_id(1) * BD) // (CH // G)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :]).to(tl.float32)
+    Dv = tl.load(D_ptr + d).to(tl.float32)
+    bias = tl.load(bias_ptr + d).to(tl.float32)
+    seq = b * CH * L + d[:, None] * L             # (BD, 1) row starts of u, delta, z, out
+    bc = (b * G + g) * N * L + n[:, None] * L      # (N, 1) row starts of B, C
+    st = (b * CH + d[:, None]) * n_states * N + n[None, :]
+    h = tl.zeros([BD, N], dtype=tl.float32)
+    for c in range(n_chunks):
+        t = c * T + k
+        valid = (t < L)[None, :]
+        u = tl.load(u_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        delta = _softplus(tl.load(delta_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32)
+                          + bias[:, None])
+        Bt = tl.load(B_ptr + bc + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        a = tl.where(valid[:, None, :], tl.exp(delta[:, None, :] * A[:, :, None]), 1.0)   # (BD, N, T)
+        x = (delta * u)[:, None, :] * Bt[None, :, :]                                       # 0 past L
+        p, hs = tl.associative_scan((a, x), 2, _affine_combine)
+        hs += p * h[:, :, None]
+        y = tl.sum(hs * Ct[None, :, :], 1) + Dv[:, None] * u
+        z = tl.load(z_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        tl.store(out_ptr + seq + t[None, :], y.to(out_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_z_ptr + seq + t[None, :], (y * z * tl.sigmoid(z)).to(out_z_ptr.dtype.element_ty), mask=valid)
+        h = tl.sum(tl.where(k[None, None, :] == T - 1, hs, 0.0), 2)   # a = 1, x = 0 past L keep the last state
+        end = (c + 1) * T   # keep the state after every S tokens, for the backward pass's chunks
+        tl.store(states_ptr + st + (end // S - 1) * N, h, mask=(end % S == 0) & (end // S <= n_states))
+
+
+@triton.jit
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_z_ptr, states_ptr, out_ptr,
+                     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dz_ptr, out_z_ptr,
+                     L, n_chunks, CH: tl.constexpr, G: tl.constexpr, N: tl.constexpr,
+                     BD: tl.constexpr, T: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    n = tl.arange(0, N)
+    k = tl.arange(0, T)
+    g = (tl.program_id(1) * BD) // (CH // G)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :]).to(tl.float32)
+    Dv = tl.load(D_ptr + d).to(tl.float32)
+    bias = tl.load(bias_ptr + d).to(tl.float32)
+    seq = b * CH * L + d[:, None] * L
+    bc = (b * G + g) * N * L + n[:, None] * L
+    st = (b * CH + d[:, None]) * (n_chunks - 1) * N + n[None, :]
+    part = (b * (CH // BD) + tl.program_id(1)) * N * L + n[:, None] * L   # (N, 1) rows of this program's dB, dC
+    g_next = tl.zeros([BD, N], dtype=tl.float32)     # state gradient at the first token of the later chunk
+    dA = tl.zeros([BD, N], dtype=tl.float32)
+    dD = tl.zeros([BD], dtype=tl.float32)
+    dbias = tl.zeros([BD], dtype=tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        t = c * T + k
+        valid = (t < L)[None, :]
+        has_next = (t + 1 < L)[None, :]
+        u = tl.load(u_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        delta_in = tl.load(delta_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32) + bias[:, None]
+        delta = _softplus(delta_in)
+        delta_next = _softplus(tl.load(delta_ptr + seq + t[None, :] + 1, mask=has_next, other=0.0).to(tl.float32)
+                               + bias[:, None])
+        Bt = tl.load(B_ptr + bc + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        dout_z = tl.load(dout_z_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        y = tl.load(out_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        sig_z = tl.sigmoid(z)
+        dy = dout_z * z * sig_z
+        tl.store(dz_ptr + seq + t[None, :], (dout_z * y * sig_z * (1.0 + z * (1.0 - sig_z))).to(dz_ptr.dtype.element_ty),
+                 mask=valid)
+        tl.store(out_z_ptr + seq + t[None, :], (y * z * sig_z).to(out_z_ptr.dtype.element_ty), mask=valid)
+
+        # states of this chunk, from the state the forward pass left at the end of the previous one
+        h0 = tl.load(states_ptr + st + (c - 1) * N, mask=(c > 0), other=0.0)
+        a = tl.where(valid[:, None, :], tl.exp(delta[:, None, :] * A[:, :, None]), 1.0)
+        du_dx = delta * u
+        x = du_dx[:, None, :] * Bt[None, :, :]
+        p, h = tl.associative_scan((a, x), 2, _affine_combine)
+        h += p * h0[:, :, None]
+
+        # state gradients, last token first
+        a_next = tl.where(has_next[:, None, :], tl.exp(delta_next[:, None, :] * A[:, :, None]), 0.0)
+        q, gs = tl.associative_scan((a_next, Ct[None, :, :] * dy[:, None, :]), 2, _affine_combine, reverse=True)
+        gs += q * g_next[:, :, None]
+        g_next = tl.sum(tl.where(k[None, None, :] == 0, gs, 0.0), 2)
+
+        decayed = (h - x) * gs                     # g_t a_t h_{t-1}
+        gB = tl.sum(gs * Bt[None, :, :], 1)
+        tl.store(du_ptr + seq + t[None, :], (delta * gB + Dv[:, None] * dy).to(du_ptr.dtype.element_ty), mask=valid)
+        ddelta = (u * gB + tl.sum(decayed * A[:, :, None], 1)) * tl.sigmoid(delta_in)
+        tl.store(ddelta_ptr + seq + t[None, :], ddelta.to(ddelta_ptr.dtype.element_ty), mask=valid)
+        tl.store(dB_ptr + part + t[None, :], tl.sum(gs * du_dx[:, None, :], 0), mask=valid)
+        tl.store(dC_ptr + part + t[None, :], tl.sum(h * dy[:, None, :], 0), mask=valid)
+        dA += tl.sum(decayed * delta[:, None, :], 2)
+        dD += tl.sum(dy * u, 1)
+        dbias += tl.sum(tl.where(valid, ddelta, 0.0), 1)
+    tl.store(dA_ptr + (b * CH + d[:, None]) * N + n[None, :], dA)
+    tl.store(dD_ptr + b * CH + d, dD)
+    tl.store(dbias_ptr + b * CH + d, dbias)
+
+
+def _check(u, A, B, block):
+    bt, ch, _ = u.shape
+    groups, n = B.shape[1], B.shape[2]
+    if ch % groups or (ch // groups) % block:
+        raise ValueError(f"channels ({ch}) must split into {groups} groups of a multiple of {block}")
+    if n & (n - 1):
+        raise ValueError(f"d_state must be a power of two for the Triton scan, got {n}")
+    return bt, ch, groups, n
+
+
+def scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk=None, channels=None, warps=None):
+    """-> (out, states, out_z); shapes and math in the module docstring. chunk (tokens), channels (per
+    program) and warps default to FWD_CHUNK, FWD_CHANNELS, FWD_WARPS; chunk must divide STATE_CHUNK."""
+    chunk, channels, warps = chunk or FWD_CHUNK, channels or FWD_CHANNELS, warps or FWD_WARPS
+    if STATE_CHUNK % chunk:
+        raise ValueError(f"the forward chunk ({chunk}) must divide STATE_CHUNK ({STATE_CHUNK})")
+    u, delta, B, C, z = (t.contiguous() for t in (u, delta, B, C, z))
+    bt, ch, groups, n = _check(u, A, B, channels)
+    length = u.shape[-1]
+    n_states = triton.cdiv(length, STATE_CHUNK) - 1   # the state before each backward chunk but the first
+    out, out_z = torch.empty_like(u), torch.empty_like(u)
+    states = torch.empty(bt, ch, n_states, n, device=u.device, dtype=torch.float32)
+    _scan_fwd_kernel[(bt, ch // channels)](
+        u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), out, out_z, states,
+        length, triton.cdiv(length, chunk), n_states, CH=ch, G=groups, N=n, BD=channels, T=chunk, S=STATE_CHUNK,
+        num_warps=warps)
+    return out, states, out_z
+
+
+def scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out, channels=None, warps=None):
+    """-> (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z); ddelta is the gradient of delta before
+    bias and softplus, as the inputs of scan_fwd. channels and warps default to BWD_CHANNELS, BWD_WARPS."""
+    channels, warps = channels or BWD_CHANNELS, warps or BWD_WARPS
+    u, delta, B, C, z, dout_z, out = (t.contiguous() for t in (u, delta, B, C, z, dout_z, out))
+    bt, ch, groups, n = _check(u, A, B, channels)
+    length = u.shape[-1]
+    n_chunks = triton.cdiv(length, STATE_CHUNK)
+    if states.shape != (bt, ch, n_chunks - 1, n):
+        raise ValueError(f"states of shape {tuple(states.shape)} do not match the inputs "
+                         f"(expected {(bt, ch, n_chunks - 1, n)} from scan_fwd)")
+    du, ddelta, dz, out_z = (torch.empty_like(u) for _ in range(4))
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dA, dD, dbias = torch.empty(bt, ch, n, **f32), torch.empty(bt, ch, **f32), torch.empty(bt, ch, **f32)
+    dB, dC = (torch.empty(bt, ch // channels, n, length, **f32) for _ in range(2))
+    _scan_bwd_kernel[(bt, ch // channels)](
+        u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), dout_z, states, out,
+        du, ddelta, dA, dB, dC, dD, dbias, dz, out_z,
+        length, n_chunks, CH=ch, G=groups, N=n, BD=channels, T=STATE_CHUNK, num_warps=warps)
+    per_group = (bt, groups, ch // channels // groups, n, length)
+    return (du, ddelta, dA.sum(0).to(A.dtype), dB.view(per_group).sum(2).to(B.dtype),
+            dC.view(per_group).sum(2).to(C.dtype), dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype), dz, out_z)
+
+
+# ----------------------------------------------------------------------------- causal conv1d + SiLU
+
+CONV_WIDTH = 4
+CONV_CHANNELS, CONV_TOKENS = 16, 64
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, CH: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    t = tl.program_id(2) * BL + tl.arange(0, BL)
+    row = tl.program_id(0).to(tl.int64) * CH * L + d[:, None] * L
+    acc = tl.zeros([BD, BL], dtype=tl.float32) + tl.load(b_ptr + d).to(tl.float32)[:, None]
+    for k in tl.static_range(4):
+        pos = t - 3 + k
+        xk = tl.load(x_ptr + row + pos[None, :], mask=((pos >= 0) & (pos < L))[None, :], other=0.0)
+        acc += tl.load(w_ptr + d * 4 + k).to(tl.float32)[:, None] * xk.to(tl.float32)
+    tl.store(out_ptr + row + t[None, :], (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty),
+             mask=(t < L)[None, :])
+
+
+@triton.jit
+def _dpre(acc, dout_ptr, row, pos, L):
+    """Gradient before SiLU at positions pos, from the pre-activation acc; 0 past the sequence."""
+    dout = tl.load(dout_ptr + row + pos[None, :], mask=(pos < L)[None, :], other=0.0).to(tl.float32)
+    sig = tl.sigmoid(acc)
+    return dout * sig * (1.0 + acc * (1.0 - sig))
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L,
+                     CH: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    t = tl.program_id(2) * BL + tl.arange(0, BL)
+    row = tl.program_id(0).to(tl.int64) * CH * L + d[:, None] * L
+    # x at offsets -3..3 from t; pre-activations at t, t+1, t+2, t+3 (each output t reads x_{t-3..t})
+    xm3 = tl.load(x_ptr + row + (t - 3)[None, :], mask=((t >= 3) & (t - 3 < L))[None, :], other=0.0).to(tl.float32)
+    xm2 = tl.load(x_ptr + row + (t - 2)[None, :], mask=((t >= 2) & (t - 2 < L))[None, :], other=0.0).to(tl.float32)
+    xm1 = tl.load(x_ptr + row + (t - 1)[None, :], mask=((t >= 1) & (t - 1 < L))[None, :], other=0.0).to(tl.float32)
+    x0 = tl.load(x_ptr + row + t[None, :], mask=(t < L)[None, :], other=0.0).to(tl.float32)
+    xp1 = tl.load(x_ptr + row + (t + 1)[None, :], mask=(t + 1 < L)[None, :], other=0.0).to(tl.float32)
+    xp2 = tl.load(x_ptr + row + (t + 2)[None, :], mask=(t + 2 < L)[None, :], other=0.0).to(tl.float32)
+    xp3 = tl.load(x_ptr + row + (t + 3)[None, :], mask=(t + 3 < L)[None, :], other=0.0).to(tl.float32)
+    w0 = tl.load(w_ptr + d * 4).to(tl.float32)[:, None]
+    w1 = tl.load(w_ptr + d * 4 + 1).to(tl.float32)[:, None]
+    w2 = tl.load(w_ptr + d * 4 + 2).to(tl.float32)[:, None]
+    w3 = tl.load(w_ptr + d * 4 + 3).to(tl.float32)[:, None]
+    bias = tl.load(b_ptr + d).to(tl.float32)[:, None]
+    g0 = _dpre(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, dout_ptr, row, t, L)
+    g1 = _dpre(bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, dout_ptr, row, t + 1, L)
+    g2 = _dpre(bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, dout_ptr, row, t + 2, L)
+    g3 = _dpre(bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, dout_ptr, row, t + 3, L)
+    tl.store(dx_ptr + row + t[None, :], (w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3).to(dx_ptr.dtype.element_ty),
+             mask=(t < L)[None, :])
+    # partial weight and bias gradients of this program: its batch row and its tokens
+    part = (tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * CH + d
+    tl.store(dw_ptr + part * 4, tl.sum(g0 * xm3, 1))
+    tl.store(dw_ptr + part * 4 + 1, tl.sum(g0 * xm2, 1))
+    tl.store(dw_ptr + part * 4 + 2, tl.sum(g0 * xm1, 1))
+    tl.store(dw_ptr + part * 4 + 3, tl.sum(g0 * x0, 1))
+    tl.store(db_ptr + part, tl.sum(g0, 1))
+
+
+def _conv_check(x, weight):
+    if weight.shape[-1] != CONV_WIDTH:
+        raise ValueError(f"the Triton causal conv has width {CONV_WIDTH}, got a weight of shape "
+                         f"{tuple(weight.shape)}; use ssm_backend 'cuda' or 'torch' for other widths")
+    if x.shape[1] % CONV_CHANNELS:
+        raise ValueError(f"channels ({x.shape[1]}) must be a multiple of {CONV_CHANNELS} for the Triton conv")
+
+
+def conv_fwd(x, weight, bias):
+    """SiLU(causal depthwise conv). x: (B, D, L); weight: (D, 4); bias: (D,) -> (B, D, L) in x's dtype."""
+    _conv_check(x, weight)
+    x = x.contiguous()
+    bt, ch, length = x.shape
+    out = torch.empty_like(x)
+    _conv_fwd_kernel[(bt, ch // CONV_CHANNELS, triton.cdiv(length, CONV_TOKENS))](
+        x, weight.contiguous(), bias.contiguous(), out, length, CH=ch, BD=CONV_CHANNELS, BL=CONV_TOKENS)
+    return out
+
+
+def conv_bwd(x, weight, bias, dout):
+    """-> (dx, dweight, dbias) for conv_fwd's output gradient dout."""
+    _conv_check(x, weight)
+    x, dout = x.contiguous(), dout.contiguous()
+    bt, ch, length = x.shape
+    blocks = triton.cdiv(length, CONV_TOKENS)
+    dx = torch.empty_like(x)
+    dw = torch.empty(bt * blocks, ch, CONV_WIDTH, device=x.device, dtype=torch.float32)
+    db = torch.empty(bt * blocks, ch, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(bt, ch // CONV_CHANNELS, blocks)](
+        x, weight.contiguous(), bias.contiguous(), dout, dx, dw, db, length, CH=ch, BD=CONV_CHANNELS, BL=CONV_TOKENS)
+    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)

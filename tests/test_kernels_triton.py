@@ -1,0 +1,109 @@
+"""The Triton kernels (causal conv + SiLU, selective scan) against the float64 references and their autograd
+gradients. Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), so the same code is
+checked on the CPU."""
+import pytest
+import torch
+
+import ssm_ops
+
+pytestmark = pytest.mark.skipif(not ssm_ops.TRITON_AVAILABLE, reason="needs Triton")
+
+import kernels_triton as kt  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")  # scan_bwd's order
+
+
+def inputs(b, ch, groups, n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(u=r(b, ch, length), delta=r(b, ch, length) * 0.5 - 1.0, A=-torch.rand(ch, n, generator=g) * 2 - 0.1,
+                B=r(b, groups, n, length), C=r(b, groups, n, length), D=r(ch), z=r(b, ch, length),
+                delta_bias=r(ch) * 0.3)
+
+
+def rel(a, b):
+    return ((a.double().cpu() - b.double()).norm() / b.double().norm()).item()
+
+
+S = kt.STATE_CHUNK
+
+
+@pytest.mark.parametrize("b, ch, groups, n, length", [
+    (2, 16, 2, 4, 2 * S + 3),       # three backward chunks, the last partial; one group per direction
+    (1, 8, 1, 16, 2 * S),           # exactly two, Vim's d_state
+    (2, 16, 2, 8, S - 3),           # shorter than one
+    (1, 16, 2, 4, S + kt.FWD_CHUNK - 1),  # ends inside a forward chunk that ends past the sequence
+])
+def test_scan_matches_float64_reference_and_autograd(b, ch, groups, n, length):
+    x = inputs(b, ch, groups, n, length, seed=length)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    dev_args = [t.to(DEVICE) for t in args]
+    out, states, out_z = kt.scan_fwd(*dev_args)
+    assert states.shape == (b, ch, -(-length // S) - 1, n)
+
+    ref_in = [t.double().requires_grad_() for t in args]
+    ref_z = ssm_ops.selective_scan_ref(*ref_in)
+    ref = ssm_ops.selective_scan_ref(*ref_in[:6], None, ref_in[7])
+    assert rel(out, ref) < 1e-5 and rel(out_z, ref_z) < 1e-5
+
+    dout_z = torch.randn(ref_z.shape, generator=torch.Generator().manual_seed(1))
+    want = dict(zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
+                    torch.autograd.grad(ref_z, ref_in, dout_z.double())))
+    got = kt.scan_bwd(*dev_args, dout_z.to(DEVICE), states, out)
+    for name, grad in zip(GRAD_NAMES, got[:8]):
+        assert grad.shape == want[name].shape, name
+        assert rel(grad, want[name]) < 1e-5, (name, rel(grad, want[name]))
+    assert rel(got[8], ref_z) < 1e-5  # out_z recomputed for the out_proj weight gradient
+
+
+def test_prefix_of_a_longer_sequence_scans_the_same():
+    """The state carried between chunks is the state at the last real token: a sequence scanned as a prefix
+    of a longer one gives the same outputs, whatever the longer one holds after it."""
+    x = inputs(1, 8, 1, 4, 3 * S + 3, seed=3)
+    args = [x[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    full, full_states, _ = kt.scan_fwd(*args)
+    cut = S + 5
+    prefix = [t[..., :cut] if t.dim() >= 3 else t for t in args]
+    part, states, _ = kt.scan_fwd(*prefix)
+    assert torch.allclose(part, full[..., :cut], rtol=1e-5, atol=1e-6)
+    assert states.shape[2] == 1 and torch.allclose(states[:, :, 0], full_states[:, :, 0])
+
+
+def test_scan_rejects_bad_shapes():
+    x = inputs(1, 8, 1, 6, 10, seed=0)
+    args = [x[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with pytest.raises(ValueError, match="power of two"):
+        kt.scan_fwd(*args)
+    x = inputs(1, 2 * (kt.FWD_CHANNELS + 1), 2, 4, 10, seed=0)  # a group's channels don't fill programs
+    args = [x[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with pytest.raises(ValueError, match="multiple of"):
+        kt.scan_fwd(*args)
+    x = inputs(1, 8, 1, 4, 10, seed=0)
+    args = [x[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    out, states, _ = kt.scan_fwd(*args)
+    with pytest.raises(ValueError, match="do not match"):
+        kt.scan_bwd(*args, torch.ones_like(out), torch.zeros(1, 8, 1, 4, device=DEVICE), out)
+
+
+@pytest.mark.parametrize("length", [1, 5, kt.CONV_TOKENS + 7])
+def test_conv_matches_float64_reference_and_autograd(length):
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(2, 2 * kt.CONV_CHANNELS, length, generator=g)
+    w = torch.randn(2 * kt.CONV_CHANNELS, kt.CONV_WIDTH, generator=g) * 0.5
+    bias = torch.randn(2 * kt.CONV_CHANNELS, generator=g)
+    dout = torch.randn(x.shape, generator=g)
+    ref_in = [t.double().requires_grad_() for t in (x, w, bias)]
+    ref = ssm_ops.causal_conv1d_ref(*ref_in)
+    want = torch.autograd.grad(ref, ref_in, dout.double())
+    got = kt.conv_fwd(*(t.to(DEVICE) for t in (x, w, bias)))
+    assert rel(got, ref) < 1e-6
+    grads = kt.conv_bwd(*(t.to(DEVICE) for t in (x, w, bias, dout)))
+    for name, a, b in zip(("dx", "dweight", "dbias"), grads, want):
+        assert a.shape == b.shape and rel(a, b) < 1e-5, name
+
+
+def test_conv_rejects_other_widths():
+    x = torch.randn(1, kt.CONV_CHANNELS, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="width 4"):
+        kt.conv_fwd(x, torch.randn(kt.CONV_CHANNELS, 3, device=DEVICE), torch.randn(kt.CONV_CHANNELS, device=DEVICE))
