@@ -31,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-STATE_CHUNK = 16                # tokens between kept states = the backward pass's chunk
-FWD_CHUNK, FWD_CHANNELS, FWD_WARPS = 8, 8, 1   # the forward pass's chunk (divides STATE_CHUNK), channels
-BWD_CHANNELS, BWD_WARPS = 4, 2                  # per program, warps per program (tuned on an H200)
+# Tile shapes, picked by a sweep on an H200 (scripts/scan_benchmark.py --configs).
+STATE_CHUNK = 16                              # tokens between kept states = the backward pass's chunk
+FWD_CHUNK, FWD_CHANNELS, FWD_WARPS = 8, 8, 1  # forward: tokens per chunk (divides STATE_CHUNK), channels, warps
+BWD_CHANNELS, BWD_WARPS = 4, 2                # backward: channels and warps per program
 
 
 @triton.jit

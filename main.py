@@ -295,6 +295,7 @@ def main(args):
     fusion = model_without_ddp.fusion_summary()
     print(f'number of params: {n_parameters}')
     print(f'token fusion: {json.dumps(fusion)}')
+    print(f'mixer kernels: {ssm_ops.resolve_backend(args.ssm_backend, torch.empty(0, device=device))}')
 
     # EMA after the DDP wrap: DDP has broadcast rank 0's weights, so every process starts the same EMA
     model_ema = None

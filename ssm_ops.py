@@ -1,17 +1,17 @@
 """Kernel dispatch for Vim's bidirectional Mamba mixer ("bimamba v2", outputs divided by 2).
 
-One narrow function, two implementations:
+One narrow function, a reference and two kernel backends:
 
     bimamba_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend) -> (B, L, Dm)
 
 * ``torch``: a pure-PyTorch reference written from the recurrence (any device, any dtype, plain autograd).
-* ``triton`` and ``cuda``: causal-conv1d's conv kernels and a selective-scan kernel inside one autograd
-  Function; ``triton`` scans with kernels_triton.py (cost proportional to the sequence length, so
-  fused layers get cheaper token by token), ``cuda`` with mamba-ssm's scan (cost in steps of powers of two
-  in the length). Both scan directions run in one kernel call (the scan's grouped-B/C mode, one group per
+* ``triton`` and ``cuda``: a causal-conv kernel and a selective-scan kernel inside one autograd Function;
+  ``triton`` uses kernels_triton.py (cost proportional to the sequence length, so fused layers get cheaper
+  token by token), ``cuda`` causal-conv1d's conv and mamba-ssm's scan (cost in steps of powers of two in
+  the length). Both scan directions run in one kernel call (the scan's grouped-B/C mode, one group per
   direction), and the conv output and delta are recomputed in the backward pass instead of being stored, as
   mamba-ssm's own ``mamba_inner_fn`` does; so a layer keeps only xz, the pre-gate scan output, the small
-  x_proj output and the scan's chunk states for its backward pass.
+  x_proj output and the scan's kept states for its backward pass.
 
 Math (spec section 6), with the parameters of the two directions stacked along the channel axis
 (forward direction first, E channels each):
