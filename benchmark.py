@@ -143,8 +143,10 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
     else:
         peak = None  # no allocator statistics on the CPU
     gpu_ms = profile(step, samples, targets) if args.profile and cuda else None
+    mixer = model.layers[0].mixer
+    kernels = ssm_ops.resolve_backend(backend, samples, 2 * mixer.d_inner, mixer.d_state)
     result = {
-        "model": model_name, "ssm_backend": ssm_ops.resolve_backend(backend, samples),
+        "model": model_name, "ssm_backend": kernels,
         "strategy": strategy_label(fusion), **fusion, "precision": precision,
         "batch_size": batch_size, "mode": mode, "variant": variant,
         "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),

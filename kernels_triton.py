@@ -156,6 +156,13 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     tl.store(dbias_ptr + b * CH + d, dbias)
 
 
+def supports(channels, d_state):
+    """Whether these kernels take a mixer with ``channels`` (both directions, 2E) and ``d_state``."""
+    e = channels // 2
+    return (channels % 2 == 0 and d_state & (d_state - 1) == 0 and e % CONV_CHANNELS == 0
+            and e % FWD_CHANNELS == 0 and e % BWD_CHANNELS == 0)
+
+
 def _check(u, A, B, block):
     bt, ch, _ = u.shape
     groups, n = B.shape[1], B.shape[2]

@@ -67,9 +67,9 @@ def check_backend(name):
                          f"Install them ({INSTALL_HINT}) or use ssm_backend='torch'.")
 
 
-def resolve_backend(name, tensor):
+def resolve_backend(name, tensor, channels=None, d_state=None):
     """'triton', 'cuda' or 'torch' for an input tensor; 'auto' takes the kernels on CUDA tensors when
-    installed, the Triton scan first."""
+    installed, the Triton ones first unless they don't take the mixer's shape (channels = 2E, d_state)."""
     global _warned_no_kernels
     if name == "torch":
         return "torch"
@@ -80,7 +80,7 @@ def resolve_backend(name, tensor):
     if not tensor.is_cuda:
         return "torch"
     for backend, (ok, _) in KERNEL_BACKENDS.items():
-        if ok:
+        if ok and (backend != "triton" or channels is None or kernels_triton.supports(channels, d_state)):
             return backend
     if not _warned_no_kernels:
         warnings.warn("\n" + "!" * 80 + "\nRunning Vision Mamba on CUDA WITHOUT the causal-conv1d / scan kernels: "
@@ -256,7 +256,7 @@ class BiMambaInnerFn(torch.autograd.Function):
 def bimamba_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend="auto"):
     """Dispatch to the kernels or the reference; arguments as bimamba_inner_ref."""
     args = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w)
-    backend = resolve_backend(backend, xz)
+    backend = resolve_backend(backend, xz, *A.shape)
     if backend == "torch":
         return bimamba_inner_ref(*args)
     return BiMambaInnerFn.apply(*args, backend)

@@ -103,7 +103,8 @@ def _function_inputs(dtype):
     return inputs, torch.randn(b, l, dm, **f)
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.skipif(
+    not ssm_ops.TRITON_AVAILABLE, reason="needs Triton"))])
 def test_kernel_function_matches_reference_autograd(monkeypatch, backend):
     """Forward and every gradient of BiMambaInnerFn (flips, stacking, recompute, grouped B/C) equal the
     reference composition in float64. 'cuda': the kernels emulated in float64 (exact plumbing check);
@@ -139,3 +140,16 @@ def test_backend_validation():
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
             ssm_ops.resolve_backend(name, torch.zeros(1))
     assert ssm_ops.resolve_backend("auto", torch.zeros(1)) == "torch"
+
+
+def test_auto_backend_skips_triton_for_shapes_it_does_not_take(monkeypatch):
+    class OnCuda:  # resolve_backend only asks where the tensor is
+        is_cuda, device = True, "cuda:0"
+    monkeypatch.setattr(ssm_ops, "KERNEL_BACKENDS", {"triton": (True, ""), "cuda": (True, "")})
+    assert ssm_ops.resolve_backend("auto", OnCuda(), 768, 16) == "triton"      # Vim-Ti
+    assert ssm_ops.resolve_backend("auto", OnCuda(), 768, 12) == "cuda"        # d_state not a power of two
+    assert ssm_ops.resolve_backend("auto", OnCuda(), 2 * 40, 16) == "cuda"     # E = 40 channels per direction
+    monkeypatch.setattr(ssm_ops, "KERNEL_BACKENDS", {"triton": (True, ""), "cuda": (False, "")})
+    monkeypatch.setattr(ssm_ops, "_warned_no_kernels", False)
+    with pytest.warns(UserWarning, match="WITHOUT"):
+        assert ssm_ops.resolve_backend("auto", OnCuda(), 80, 16) == "torch"
