@@ -1,10 +1,10 @@
 """Training-step benchmark: what token fusion does to step time and peak memory, without data loading.
 
-Each configuration (model x kernels x precision x batch size x mode x variant x strategy) times full training steps
-(forward, loss, backward, AdamW step) on a fixed random batch with the same step object main.py trains
-with (engine.build_train_step). Ratios are taken against the no-fusion run of the same model, kernels,
-precision, batch size, mode and variant, measured in the same process, and printed next to the ideal: the fraction of
-token-layers that remain (spec section 3).
+Each configuration (model x kernels x precision x batch size x mode x variant x strategy) times full
+training steps (forward, loss, backward, AdamW step) on a fixed random batch with the same step object
+main.py trains with (engine.build_train_step). Ratios are taken against the no-fusion run of the same
+model, kernels, precision, batch size, mode and variant, measured in the same process, and printed next to
+the ideal: the fraction of token-layers that remain (spec section 3).
 
     python benchmark.py --models vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2 \
         --strategies none all:7 interleaved:14 lower:19:9 upper:4:9 upper:4:8 --precisions fp32 bf16 \
@@ -195,8 +195,9 @@ def markdown_table(results):
              "| time vs none | mem vs none | ideal |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {short_name(r['model'])} | {r['ssm_backend']} | {r['precision']} | {r['mode']} | {r['variant']} "
-                     f"| {r['batch_size']} | {r['strategy']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} "
+        lines.append(f"| {short_name(r['model'])} | {r['ssm_backend']} | {r['precision']} | {r['mode']} "
+                     f"| {r['variant']} | {r['batch_size']} | {r['strategy']} | {r['step_ms']:.1f} "
+                     f"| {r['images_per_s']:.0f} "
                      f"| {fmt(r['peak_mib'], '.0f')} | {fmt(r['time_vs_none'], '.3f')} "
                      f"| {fmt(r['mem_vs_none'], '.3f')} | {r['ideal']:.3f} |")
     return "\n".join(lines)

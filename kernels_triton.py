@@ -123,8 +123,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         y = tl.load(out_ptr + seq + t[None, :], mask=valid, other=0.0).to(tl.float32)
         sig_z = tl.sigmoid(z)
         dy = dout_z * z * sig_z
-        tl.store(dz_ptr + seq + t[None, :], (dout_z * y * sig_z * (1.0 + z * (1.0 - sig_z))).to(dz_ptr.dtype.element_ty),
-                 mask=valid)
+        dz = dout_z * y * sig_z * (1.0 + z * (1.0 - sig_z))
+        tl.store(dz_ptr + seq + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=valid)
         tl.store(out_z_ptr + seq + t[None, :], (y * z * sig_z).to(out_z_ptr.dtype.element_ty), mask=valid)
 
         # states of this chunk, from the state the forward pass left at the end of the previous one

@@ -52,8 +52,8 @@ def get_args_parser():
     parser.add_argument('--cls-position', default='head', choices=['head', 'middle'],
                         help="class token at position 0 (Famba-V) or M//2 (Vim's checkpoints)")
     parser.add_argument('--ssm-backend', default='auto', choices=ssm_ops.BACKENDS,
-                        help='mixer kernels: triton (Triton scan + causal-conv1d), cuda (mamba-ssm scan + '
-                             'causal-conv1d), torch (pure PyTorch), auto (the first available kernels on CUDA)')
+                        help='mixer kernels: triton (kernels_triton.py), cuda (mamba-ssm + causal-conv1d), '
+                             'torch (pure PyTorch), auto (on CUDA the first of triton, cuda that fits, else torch)')
 
     # Famba-V token fusion
     parser.add_argument('--fusion-strategy', default='no', choices=FUSION_STRATEGIES,

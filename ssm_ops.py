@@ -83,8 +83,9 @@ def resolve_backend(name, tensor, channels=None, d_state=None):
         if ok and (backend != "triton" or channels is None or kernels_triton.supports(channels, d_state)):
             return backend
     if not _warned_no_kernels:
-        warnings.warn("\n" + "!" * 80 + "\nRunning Vision Mamba on CUDA WITHOUT the causal-conv1d / scan kernels: "
-                      "the pure-PyTorch selective scan is a slow Python loop over tokens and stores every state. "
+        warnings.warn("\n" + "!" * 80 + "\nRunning Vision Mamba on CUDA WITHOUT kernels (Triton, or mamba-ssm + "
+                      "causal-conv1d): the pure-PyTorch selective scan is a slow Python loop over tokens and "
+                      "stores every state. "
                       f"Install the kernels: {INSTALL_HINT}\n" + "!" * 80, stacklevel=3)
         _warned_no_kernels = True
     return "torch"
