@@ -48,18 +48,23 @@ def _softplus(x):
 
 
 @triton.jit
+def _program_channels(A_ptr, D_ptr, bias_ptr, CH: tl.constexpr, G: tl.constexpr, N: tl.constexpr,
+                      BD: tl.constexpr, T: tl.constexpr):
+    """This program's batch row b, channels d (BD), state and chunk indices, B/C group g, and per-channel
+    A (BD, N), D and delta bias in float32."""
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    n = tl.arange(0, N)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :]).to(tl.float32)
+    return (tl.program_id(0).to(tl.int64), d, n, tl.arange(0, T), (tl.program_id(1) * BD) // (CH // G), A,
+            tl.load(D_ptr + d).to(tl.float32), tl.load(bias_ptr + d).to(tl.float32))
+
+
+@triton.jit
 def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                      out_ptr, out_z_ptr, states_ptr,
                      L, n_chunks, n_states, CH: tl.constexpr, G: tl.constexpr, N: tl.constexpr,
                      BD: tl.constexpr, T: tl.constexpr, S: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    n = tl.arange(0, N)
-    k = tl.arange(0, T)
-    g = (tl.program_id(1) * BD) // (CH // G)
-    A = tl.load(A_ptr + d[:, None] * N + n[None, :]).to(tl.float32)
-    Dv = tl.load(D_ptr + d).to(tl.float32)
-    bias = tl.load(bias_ptr + d).to(tl.float32)
+    b, d, n, k, g, A, Dv, bias = _program_channels(A_ptr, D_ptr, bias_ptr, CH, G, N, BD, T)
     seq = b * CH * L + d[:, None] * L             # (BD, 1) row starts of u, delta, z, out
     bc = (b * G + g) * N * L + n[:, None] * L      # (N, 1) row starts of B, C
     st = (b * CH + d[:, None]) * n_states * N + n[None, :]
@@ -90,14 +95,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
                      du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dz_ptr, out_z_ptr,
                      L, n_chunks, CH: tl.constexpr, G: tl.constexpr, N: tl.constexpr,
                      BD: tl.constexpr, T: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    n = tl.arange(0, N)
-    k = tl.arange(0, T)
-    g = (tl.program_id(1) * BD) // (CH // G)
-    A = tl.load(A_ptr + d[:, None] * N + n[None, :]).to(tl.float32)
-    Dv = tl.load(D_ptr + d).to(tl.float32)
-    bias = tl.load(bias_ptr + d).to(tl.float32)
+    b, d, n, k, g, A, Dv, bias = _program_channels(A_ptr, D_ptr, bias_ptr, CH, G, N, BD, T)
     seq = b * CH * L + d[:, None] * L
     bc = (b * G + g) * N * L + n[:, None] * L
     st = (b * CH + d[:, None]) * (n_chunks - 1) * N + n[None, :]
