@@ -105,6 +105,7 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
         resident = torch.cuda.memory_allocated()
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = variant == "tf32-fused"
+    torch.backends.cudnn.benchmark = True  # as main.py
     overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
                                    ("patch_size", args.patch_size)) if v is not None}
     model = timm.create_model(model_name, num_classes=args.num_classes, img_size=args.input_size,

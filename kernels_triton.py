@@ -307,3 +307,67 @@ def conv_bwd(x, weight, bias, dout):
     _conv_bwd_kernel[(bt, ch // CONV_CHANNELS, blocks)](
         x, weight.contiguous(), bias.contiguous(), dout, dx, dw, db, length, CH=ch, BD=CONV_CHANNELS, BL=CONV_TOKENS)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
+
+
+# ----------------------------------------------------------------------------- the two scan directions' layout
+# The mixer scans each sequence forwards and flipped. Built from torch ops, [x ; flip(x)] costs a flip and a cat
+# (two round trips through memory) and y_fwd + flip(y_bwd) a flip and an add; these kernels do each in one pass.
+
+LAYOUT_BLOCK = 1024  # elements per program
+
+
+@triton.jit
+def _mirror_kernel(src_ptr, dst_ptr, L, EL, BATCH, stride_b, stride_c,
+                   E: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0) // PARTS
+    p = tl.program_id(0) % PARTS
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)   # flat (channel, token) index in one part
+    valid = i < EL
+    e = i // L
+    t = i - e * L
+    x = tl.load(src_ptr + b.to(tl.int64) * stride_b + (p * E + e).to(tl.int64) * stride_c + t, mask=valid)
+    row = (p * BATCH + b).to(tl.int64) * 2 * EL
+    tl.store(dst_ptr + row + i, x, mask=valid)
+    tl.store(dst_ptr + row + EL + e * L + (L - 1 - t), x, mask=valid)
+
+
+@triton.jit
+def _fold_kernel(src_ptr, dst_ptr, L, EL, stride_b, stride_c, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < EL
+    e = i // L
+    t = i - e * L
+    fwd = tl.load(src_ptr + b * 2 * EL + i, mask=valid).to(tl.float32)
+    bwd = tl.load(src_ptr + b * 2 * EL + EL + e * L + (L - 1 - t), mask=valid).to(tl.float32)
+    tl.store(dst_ptr + b * stride_b + e.to(tl.int64) * stride_c + t, (fwd + bwd).to(dst_ptr.dtype.element_ty),
+             mask=valid)
+
+
+def mirror(src, parts):
+    """src (B, P*E, L), tokens contiguous -> P contiguous tensors (B, 2E, L): [part ; part flipped along L]."""
+    if src.stride(2) != 1:
+        src = src.contiguous()
+    bt, ch, length = src.shape
+    if ch % parts:
+        raise ValueError(f"{ch} channels do not split into {parts} parts")
+    e = ch // parts
+    dst = torch.empty(parts, bt, 2 * e, length, device=src.device, dtype=src.dtype)
+    _mirror_kernel[(bt * parts, triton.cdiv(e * length, LAYOUT_BLOCK))](
+        src, dst, length, e * length, bt, src.stride(0), src.stride(1), E=e, PARTS=parts, BLOCK=LAYOUT_BLOCK)
+    return dst.unbind(0)
+
+
+def fold(src, out=None):
+    """src (B, 2E, L) [forward ; backward direction in flipped order] -> out (B, E, L) = forward + flip(backward),
+    added in float32. out may be a strided view with contiguous tokens (a slice of a larger tensor)."""
+    src = src.contiguous()
+    bt, ch, length = src.shape
+    if out is None:
+        out = torch.empty(bt, ch // 2, length, device=src.device, dtype=src.dtype)
+    if out.shape != (bt, ch // 2, length) or out.stride(2) != 1:
+        raise ValueError(f"out must be ({bt}, {ch // 2}, {length}) with contiguous tokens, got {tuple(out.shape)} "
+                         f"with strides {out.stride()}")
+    _fold_kernel[(bt, triton.cdiv(ch // 2 * length, LAYOUT_BLOCK))](
+        src, out, length, ch // 2 * length, out.stride(0), out.stride(1), BLOCK=LAYOUT_BLOCK)
+    return out

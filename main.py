@@ -260,6 +260,7 @@ def main(args):
     utils.init_distributed_mode(args)
     print(args)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as DeiT: the patch-embedding conv gets cuDNN's fastest algorithm
     if device.type == 'cuda' and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -116,7 +116,9 @@ class Block(nn.Module):
 
     def forward(self, hidden, residual, cls_index, size):
         residual = hidden if residual is None else residual + self.drop_path(hidden)
-        hidden = self.norm(residual)
+        # as Vim (residual_in_fp32): the residual stream stays float32, the normalised stream takes the mixer
+        # output's dtype (bfloat16 / float16 under autocast), which is what the fusion then moves around
+        hidden = self.norm(residual).to(hidden.dtype)
         if self.fusion_r:
             hidden, residual, cls_index, size = token_fusion.fuse(
                 hidden, residual, self.fusion_r, cls_index, size, self.fusion_order, self.fusion_mode)

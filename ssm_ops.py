@@ -25,6 +25,7 @@ Math (spec section 6), with the parameters of the two directions stacked along t
 
 Nothing of mamba-ssm, causal-conv1d or Triton is imported on a machine without them.
 """
+import collections
 import warnings
 
 import torch
@@ -127,16 +128,15 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias):
     return y.to(dtype)
 
 
-def _both_directions(t):
-    """(B, 2E, L) [a ; b] -> ([a ; flip(a)], [b ; flip(b)]), each (B, 2E, L) contiguous."""
-    a, b = t.chunk(2, dim=1)
-    return torch.cat([a, a.flip(-1)], 1), torch.cat([b, b.flip(-1)], 1)
+def mirror_ref(src, parts):
+    """(B, P*E, L) -> P tensors (B, 2E, L): each part followed by itself flipped along L."""
+    return tuple(torch.cat([a, a.flip(-1)], 1) for a in src.chunk(parts, dim=1))
 
 
-def _add_directions(y):
-    """(B, 2E, L) [forward ; backward-in-flipped-order] -> (B, E, L) = forward + flip(backward)."""
-    fwd, bwd = y.chunk(2, dim=1)
-    return fwd + bwd.flip(-1)
+def fold_ref(src, out=None):
+    """(B, 2E, L) [forward ; backward direction in flipped order] -> (B, E, L) = forward + flip(backward)."""
+    fwd, bwd = src.chunk(2, dim=1)
+    return torch.add(fwd, bwd.flip(-1), out=out)
 
 
 def _batch_sum(t):
@@ -162,11 +162,11 @@ def bimamba_inner_ref(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, ou
     """Reference bimamba v2 inner function; shapes as in the module docstring:
     xz (B, 2E, L), conv_w (2E, W), conv_b (2E), x_proj_w (2, R+2N, E), dt_proj_w (2, E, R), dt_bias (2E),
     A (2E, N), D (2E), out_proj_w (Dm, E) -> (B, L, Dm)."""
-    xs, zs = _both_directions(xz)
+    xs, zs = mirror_ref(xz, 2)
     u = causal_conv1d_ref(xs, conv_w, conv_b)
     _, delta, Bm, Cm = _project(u, x_proj_w, dt_proj_w, A.shape[-1])
     y = selective_scan_ref(u, delta, A, Bm, Cm, D, zs, dt_bias)
-    return F.linear(_add_directions(y).transpose(1, 2), out_proj_w * 0.5)
+    return F.linear(fold_ref(y).transpose(1, 2), out_proj_w * 0.5)
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
@@ -193,13 +193,16 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out):
     return selective_scan_cuda.bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out, None, True, True)
 
 
+Kernels = collections.namedtuple("Kernels", "conv_fwd conv_bwd scan_fwd scan_bwd mirror fold")
+
+
 def _kernels(backend):
-    """(conv_fwd, conv_bwd, scan_fwd, scan_bwd) of a kernel backend, looked up when called (tests swap the
-    mamba-ssm / causal-conv1d wrappers for emulations)."""
+    """A kernel backend's functions, looked up when called (tests swap the mamba-ssm / causal-conv1d wrappers
+    for emulations). The Triton backend also does the two directions' flips in its own kernels."""
     if backend == "triton":
         k = kernels_triton
-        return k.conv_fwd, k.conv_bwd, k.scan_fwd, k.scan_bwd
-    return _conv_fwd, _conv_bwd, _scan_fwd, _scan_bwd
+        return Kernels(k.conv_fwd, k.conv_bwd, k.scan_fwd, k.scan_bwd, k.mirror, k.fold)
+    return Kernels(_conv_fwd, _conv_bwd, _scan_fwd, _scan_bwd, mirror_ref, fold_ref)
 
 
 class BiMambaInnerFn(torch.autograd.Function):
@@ -211,14 +214,14 @@ class BiMambaInnerFn(torch.autograd.Function):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             xz, x_proj_w, dt_proj_w, out_proj_w = (t.to(dtype) for t in (xz, x_proj_w, dt_proj_w, out_proj_w))
-        conv_fwd, _, scan_fwd, _ = _kernels(backend)
-        xs, zs = _both_directions(xz)
-        u = conv_fwd(xs, conv_w, conv_b)
+        k = _kernels(backend)
+        xs, zs = k.mirror(xz, 2)
+        u = k.conv_fwd(xs, conv_w, conv_b)
         x_dbl, delta, Bm, Cm = _project(u, x_proj_w, dt_proj_w, A.shape[-1])
-        out, states, out_z = scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
+        out, states, out_z = k.scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
         ctx.backend = backend
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, out)
-        return F.linear(_add_directions(out_z).transpose(1, 2), out_proj_w * 0.5)  # the /2 folded into the weight
+        return F.linear(k.fold(out_z).transpose(1, 2), out_proj_w * 0.5)  # the /2 folded into the weight
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -227,19 +230,19 @@ class BiMambaInnerFn(torch.autograd.Function):
         b, e2, l = xz.shape
         e, n = e2 // 2, A.shape[-1]
         rank = x_dbl.shape[2] - 2 * n
-        conv_fwd, conv_bwd, _, scan_bwd = _kernels(ctx.backend)
-        xs, zs = _both_directions(xz)
-        u = conv_fwd(xs, conv_w, conv_b)
+        k = _kernels(ctx.backend)
+        xs, zs = k.mirror(xz, 2)
+        u = k.conv_fwd(xs, conv_w, conv_b)
         delta, Bm, Cm = _split_x_dbl(x_dbl, dt_proj_w, n)
         dout = dout.to(xz.dtype)
-        dy = torch.matmul(dout, out_proj_w * 0.5).transpose(1, 2)  # (B, E, L)
-        dout_z = torch.cat([dy, dy.flip(-1)], 1)
-        du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = scan_bwd(
+        dy = torch.matmul((out_proj_w * 0.5).t(), dout.transpose(1, 2))  # (B, E, L), tokens contiguous
+        dout_z, = k.mirror(dy, 1)
+        du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = k.scan_bwd(
             u, delta, A, Bm, Cm, D, zs, dt_bias, dout_z, states, out)
         # Weight gradients reduce over batch and length. As one GEMM per direction they are skinny
         # (K = B*L) and cuBLAS runs them on a handful of SMs; one GEMM per sample (reducing over L) and a
         # sum over the batch keeps the whole GPU busy.
-        dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), _add_directions(out_z).transpose(1, 2))) * 0.5
+        dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), k.fold(out_z).transpose(1, 2))) * 0.5
         ddelta = ddelta.view(b, 2, e, l)
         ddt_proj_w = _batch_sum(torch.matmul(ddelta, x_dbl[:, :, :rank].transpose(2, 3)))
         dx_dbl = torch.empty_like(x_dbl)
@@ -249,8 +252,10 @@ class BiMambaInnerFn(torch.autograd.Function):
         u = u.view(b, 2, e, l)
         dx_proj_w = _batch_sum(torch.matmul(dx_dbl, u.transpose(2, 3)))
         du = du.view(b, 2, e, l) + torch.matmul(x_proj_w.transpose(1, 2), dx_dbl)
-        dxs, dconv_w, dconv_b = conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
-        dxz = torch.cat([_add_directions(dxs), _add_directions(dzs)], 1)
+        dxs, dconv_w, dconv_b = k.conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
+        dxz = torch.empty(b, e2, l, device=xz.device, dtype=xz.dtype)
+        k.fold(dxs, dxz[:, :e])
+        k.fold(dzs, dxz[:, e:])
         return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w, None
 
 

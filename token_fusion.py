@@ -134,23 +134,50 @@ def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=Non
     return keep, dst_out, cls - merged_before.gather(1, cls[:, None]).squeeze(1)
 
 
-def merge(x, src, keep, dst_out, size=None):
-    """Fuse tokens of x (B, T, C) -> (B, T - r, C): out[j] = mean of x[keep[j]] and the src tokens whose
-    destination is j; with ``size`` (B, T, 1) the mean is weighted by it (ToMe). Differentiable in x.
+class _MergeRows(torch.autograd.Function):
+    """The merge as a linear map M on flattened rows, applied to several streams at once.
 
-    Works on the flattened (B*T, C) rows with index_select / index_add, whose backward passes keep only
-    the indices: gather/scatter along dim 1 would keep x itself alive until the backward pass.
+    Each stream x: (B*T, C_k) -> (B*(T - r), C_k), out[j] = (x[keep[j]] + sum of x[src[i]] over dst[i] = j) / weight[j].
+    Backward: M^T is a gather, dx[i] = dout[dest[i]] / weight[dest[i]] with dest[i] the output row of input row i,
+    so each stream's gradient costs one division and one index_select (no zero-filled scatter buffers).
     """
-    batch, num_tokens, channels = x.shape
+
+    @staticmethod
+    def forward(ctx, keep, src, dst, dest, weight, *streams):
+        ctx.save_for_backward(dest, weight)
+        outs = []
+        for x in streams:
+            out = x.index_select(0, keep)
+            out.index_add_(0, dst, x.index_select(0, src))
+            outs.append(out.div_(weight))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dest, weight = ctx.saved_tensors
+        return (None,) * 5 + tuple(None if g is None else (g / weight.to(g.dtype)).index_select(0, dest)
+                                  for g in grads)
+
+
+def merge(streams, src, keep, dst_out, size=None):
+    """Fuse tokens of each stream (B, T, C_k) -> (B, T - r, C_k) with one map: out[j] = mean of x[keep[j]] and
+    the src tokens whose destination is j; with ``size`` (B, T, 1) the mean is weighted by it (ToMe).
+    Differentiable in the streams. Returns (list of fused streams, weight (B, T - r, 1)).
+    """
+    batch, num_tokens = streams[0].shape[:2]
+    kept = keep.shape[1]
+    with torch.no_grad():
+        offsets = torch.arange(batch, device=keep.device)[:, None]
+        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=keep.device)
+        dest.scatter_(1, keep, torch.arange(kept, device=keep.device).expand(batch, -1))
+        dest.scatter_(1, src, dst_out)
+        rows = [(i + offsets * n).flatten() for i, n in ((keep, num_tokens), (src, num_tokens), (dst_out, kept),
+                                                         (dest, kept))]
+        weight = merged_size(keep, src, dst_out, size)
     if size is not None:
-        x = x * size
-    rows = x.reshape(batch * num_tokens, channels)
-    offsets = torch.arange(batch, device=x.device)[:, None]
-    out = rows.index_select(0, (keep + offsets * num_tokens).flatten())
-    out = out.index_add(0, (dst_out + offsets * keep.shape[1]).flatten(),
-                        rows.index_select(0, (src + offsets * num_tokens).flatten()))
-    weight = merged_size(keep, src, dst_out, size)
-    return out.view(batch, keep.shape[1], channels) / weight, weight
+        streams = [x * size for x in streams]
+    fused = _MergeRows.apply(*rows, weight.view(-1, 1), *(x.reshape(batch * num_tokens, -1) for x in streams))
+    return [f.view(batch, kept, -1) for f in fused], weight
 
 
 def merged_size(keep, src, dst_out, size=None):
@@ -179,7 +206,5 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     keep, dst_out, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)
     if mode == "size" and size is None:
         size = torch.ones(hidden.shape[:2] + (1,), device=hidden.device, dtype=torch.float32)
-    both = torch.cat([hidden, residual], dim=-1)  # one index_select/index_add for both streams
-    fused, new_size = merge(both, src, keep, dst_out, size if mode == "size" else None)
-    new_hidden, residual = fused.split(hidden.shape[-1], dim=-1)
-    return new_hidden.to(hidden.dtype), residual, cls_out, (new_size if mode == "size" else None)
+    (hidden, residual), new_size = merge((hidden, residual), src, keep, dst_out, size if mode == "size" else None)
+    return hidden, residual, cls_out, (new_size if mode == "size" else None)

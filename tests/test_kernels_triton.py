@@ -107,3 +107,46 @@ def test_conv_rejects_other_widths():
     x = torch.randn(1, kt.CONV_CHANNELS, 8, device=DEVICE)
     with pytest.raises(ValueError, match="width 4"):
         kt.conv_fwd(x, torch.randn(kt.CONV_CHANNELS, 3, device=DEVICE), torch.randn(kt.CONV_CHANNELS, device=DEVICE))
+
+
+def _strided_like_the_model(b, ch, length, dtype, seed):
+    """(B, ch, L) with the model's in_proj layout: (ch, B*L) memory viewed as (B, ch, L)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(ch, b, length, generator=g).to(dtype).permute(1, 0, 2).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 7, kt.LAYOUT_BLOCK // 8 + 5])
+def test_mirror_writes_each_part_then_its_flip(dtype, length):
+    b, e, parts = 3, 8, 2
+    src = _strided_like_the_model(b, parts * e, length, dtype, seed=length)
+    got = kt.mirror(src, parts)
+    s = src.cpu()
+    backwards = torch.arange(length - 1, -1, -1)
+    for p in range(parts):
+        part = s[:, p * e:(p + 1) * e]
+        assert got[p].is_contiguous() and got[p].shape == (b, 2 * e, length)
+        assert torch.equal(got[p][:, :e].cpu(), part)
+        assert torch.equal(got[p][:, e:].cpu(), part[:, :, backwards])
+    (single,) = kt.mirror(s[:, :e].contiguous().to(DEVICE), 1)
+    assert torch.equal(single.cpu(), got[0].cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 6, kt.LAYOUT_BLOCK // 8 + 5])
+def test_fold_adds_the_flipped_backward_half_into_a_slice(dtype, length):
+    b, e = 2, 8
+    g = torch.Generator().manual_seed(length)
+    src = torch.randn(b, 2 * e, length, generator=g).to(dtype)
+    want = torch.empty(b, e, length, dtype=torch.float64)
+    for t in range(length):  # forward token t plus the backward direction's output for token t
+        want[:, :, t] = src[:, :e, t].double() + src[:, e:, length - 1 - t].double()
+    whole = torch.zeros(b, 3 * e, length, dtype=dtype, device=DEVICE)
+    out = kt.fold(src.to(DEVICE), whole[:, e:2 * e])
+    assert out.data_ptr() == whole[:, e:2 * e].data_ptr()
+    # a float32 add of two bfloat16 values is exact: one rounding to the output dtype (Triton's CPU
+    # interpreter rounds bfloat16 towards zero, the GPU to nearest: allow one bfloat16 step)
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=0)
+    assert torch.allclose(whole[:, e:2 * e].cpu().double(), want.to(dtype).double(), **tol)
+    assert not whole[:, :e].any() and not whole[:, 2 * e:].any()
+    assert torch.equal(kt.fold(src.to(DEVICE)).cpu(), whole[:, e:2 * e].cpu())

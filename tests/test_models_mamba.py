@@ -280,6 +280,22 @@ def test_gradients_reach_every_parameter_with_fusion_middle_class():
         assert (p.grad != 0).all(), f"{name}: {(p.grad == 0).sum().item()} exactly-zero gradient entries"
 
 
+def test_autocast_keeps_the_residual_stream_float32_and_fuses_the_hidden_stream_in_bfloat16():
+    """As Vim (residual_in_fp32): under autocast the first mixer reads the float32 embedded tokens, later ones the
+    normalised stream in the mixer output's dtype; the residual stream stays float32 through the fusion."""
+    model = tiny(fusion_strategy="all", fusion_token=2)
+    seen = []
+    for layer in model.layers:
+        layer.mixer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+        layer.register_forward_hook(lambda m, args, out: seen.append(out[1].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    mixer_in, residual = seen[0::2], seen[1::2]
+    assert mixer_in == [torch.float32] + [torch.bfloat16] * (len(model.layers) - 1)
+    assert residual == [torch.float32] * len(model.layers)
+    assert torch.isfinite(out).all()
+
+
 def test_head_class_token_last_forward_A_log_gradient_is_exactly_zero():
     """With the class token at position 0, the readout of the last layer's mixer is its output at t = 0; the
     forward scan there is h_0 = delta_0 B_0 u_0 (h_{-1} = 0), independent of A. So the last layer's A_log gets an

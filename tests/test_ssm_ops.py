@@ -119,7 +119,9 @@ def test_kernel_function_matches_reference_autograd(monkeypatch, backend):
     ref_out = ssm_ops.bimamba_inner_ref(*ref_in)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    fn_in = [t.clone().to(device).requires_grad_() for t in inputs]
+    fn_in = [t.clone().to(device) for t in inputs]
+    fn_in[0] = fn_in[0].transpose(0, 1).contiguous().transpose(0, 1)  # xz as the model makes it: (2E, B, L) memory
+    fn_in = [t.requires_grad_() for t in fn_in]
     fn_out = ssm_ops.BiMambaInnerFn.apply(*fn_in, backend)
     fn_grads = torch.autograd.grad(fn_out, fn_in, dout.to(device))
     tol = dict(rtol=1e-9, atol=1e-11) if backend == "cuda" else dict(rtol=1e-4, atol=1e-5)

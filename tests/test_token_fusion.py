@@ -241,6 +241,19 @@ def test_fuse_gradient_is_the_averaging_matrix(order, mode):
     assert torch.allclose(g_h[0], merge.t() @ w1[0], atol=1e-12)
     assert torch.allclose(g_r[0], merge.t() @ w2[0], atol=1e-12)
 
+@pytest.mark.parametrize("mode", ["mean", "size"])
+def test_fuse_keeps_no_stream_for_backward(mode):
+    """The merge's backward needs only the fusion map: nothing of the (B, T, C) streams is saved for it (a
+    gather/scatter merge would keep its input alive until the backward pass)."""
+    hidden = torch.randn(2, 9, 4, dtype=F64, requires_grad=True)
+    residual = torch.randn(2, 9, 4, dtype=F64, requires_grad=True)
+    size = torch.rand(2, 9, 1, dtype=F64) + 1 if mode == "size" else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h, res, _, _ = token_fusion.fuse(hidden, residual, 3, 0, size, mode=mode)
+    assert saved and all(t.dtype == torch.long or t.shape[-1] == 1 for t in saved), [t.shape for t in saved]
+    assert h.shape == res.shape == (2, 6, 4)
+
 
 # ----------------------------------------------------------------------------- naive reimplementation
 
