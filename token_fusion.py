@@ -68,16 +68,6 @@ def cap_schedule(requested, num_tokens, num_protected=1):
 
 # ----------------------------------------------------------------------------- matching
 
-def _protected_mask(cls_index, batch, num_tokens, device):
-    """(B, T) bool, True at the class token; None if there is none."""
-    if cls_index is None:
-        return None
-    positions = torch.arange(num_tokens, device=device)
-    if isinstance(cls_index, int):
-        return (positions == cls_index).expand(batch, num_tokens)
-    return positions == cls_index[:, None]
-
-
 @torch.no_grad()
 def bipartite_soft_matching(metric, r, cls_index=None):
     """ToMe's bipartite soft matching on a (B, T, C) metric.
@@ -88,10 +78,14 @@ def bipartite_soft_matching(metric, r, cls_index=None):
     (if it is an A token) or column (if a B token) is -inf.
     """
     metric = torch.nn.functional.normalize(metric.float(), dim=-1)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(1, 2)  # (B, nA, nB)
-    protected = _protected_mask(cls_index, metric.shape[0], metric.shape[1], metric.device)
-    if protected is not None:
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # (B, nA, nB)
+    if isinstance(cls_index, int):  # the same position in every sample: one row or column
+        if cls_index % 2:
+            scores[:, :, cls_index // 2] = float("-inf")
+        else:
+            scores[:, cls_index // 2] = float("-inf")
+    elif cls_index is not None:  # (B,) positions
+        protected = torch.arange(metric.shape[1], device=metric.device) == cls_index[:, None]
         scores.masked_fill_(protected[:, ::2, None] | protected[:, None, 1::2], float("-inf"))
     best, partner = scores.max(dim=-1)  # (B, nA)
     order = best.argsort(dim=-1, descending=True)
@@ -167,12 +161,12 @@ def merge(streams, src, keep, dst_out, size=None):
     batch, num_tokens = streams[0].shape[:2]
     kept = keep.shape[1]
     with torch.no_grad():
-        offsets = torch.arange(batch, device=keep.device)[:, None]
         dest = torch.empty(batch, num_tokens, dtype=torch.long, device=keep.device)
         dest.scatter_(1, keep, torch.arange(kept, device=keep.device).expand(batch, -1))
         dest.scatter_(1, src, dst_out)
-        rows = [(i + offsets * n).flatten() for i, n in ((keep, num_tokens), (src, num_tokens), (dst_out, kept),
-                                                         (dest, kept))]
+        first_in, first_out = (torch.arange(0, batch * n, n, device=keep.device)[:, None] for n in (num_tokens, kept))
+        rows = [(i + first).flatten() for i, first in ((keep, first_in), (src, first_in), (dst_out, first_out),
+                                                       (dest, first_out))]
         weight = merged_size(keep, src, dst_out, size)
     if size is not None:
         streams = [x * size for x in streams]
