@@ -90,7 +90,9 @@ class CUDAGraphTrainStep:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)  # backward inside the capture then writes, not accumulates
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream):
+        # thread_local: the data loader's pin-memory thread keeps allocating pinned host memory, which a
+        # global-mode capture counts as an unsafe call from any thread and aborts on
+        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
             self.loss = self._step()
         self.capture_peak_bytes = torch.cuda.max_memory_allocated()  # the graph's pool, as main.py logs it
         for group, lr in zip(groups, floats):

@@ -4,6 +4,8 @@ without kernels (causal-conv1d with Triton or mamba-ssm).
 Each kernel path and the pure-PyTorch path of the whole Vim-Ti model agree (fp32 logits and every parameter
 gradient), for every strategy; the CUDA-graph training step trains like the eager step and follows the
 learning rate the scheduler writes."""
+import threading
+
 import pytest
 import torch
 
@@ -110,3 +112,24 @@ def test_cuda_graph_step_trains_like_eager_and_follows_lr():
     assert rel(graph_params[5], eager_params[5]) < 1e-3  # atomics in the merge: not bit-reproducible
     assert torch.equal(graph_params[7], graph_params[5])  # lr 0 written by the "scheduler": no update
     assert not torch.equal(graph_params[5], graph_params[4])
+
+
+def test_cuda_graph_capture_survives_a_pin_memory_thread():
+    """main.py's loader pins batches in a thread while the step is captured: its host allocations must not
+    abort the capture (they would in global capture mode)."""
+    done = threading.Event()
+
+    def pin_memory_thread():
+        size = 1 << 16
+        while not done.is_set():  # new sizes: fresh cudaHostAlloc calls, as a loader's first batches make
+            torch.empty(size, pin_memory=True)
+            size += 4096
+
+    thread = threading.Thread(target=pin_memory_thread, daemon=True)
+    thread.start()
+    try:
+        losses, _ = _train(True, 6, lambda i: 1e-3)
+    finally:
+        done.set()
+        thread.join()
+    assert all(torch.isfinite(torch.tensor(losses)))
