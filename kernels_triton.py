@@ -1,5 +1,5 @@
 """Triton kernels for Vim's mixer whose cost follows the sequence length: causal depthwise conv + SiLU,
-and the selective scan.
+the selective scan, and the two scan directions' layout (a sequence next to its flip, and the sum back).
 
 mamba-ssm's scan and causal-conv1d size their work per thread block from the sequence length in steps of
 powers of two (the scan: a 197-token and a 129-token layer cost the same), so token fusion saves little

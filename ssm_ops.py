@@ -7,11 +7,12 @@ One narrow function, a reference and two kernel backends:
 * ``torch``: a pure-PyTorch reference written from the recurrence (any device, any dtype, plain autograd).
 * ``triton`` and ``cuda``: a causal-conv kernel and a selective-scan kernel inside one autograd Function;
   ``triton`` uses kernels_triton.py (cost proportional to the sequence length, so fused layers get cheaper
-  token by token), ``cuda`` causal-conv1d's conv and mamba-ssm's scan (cost in steps of powers of two in
-  the length). Both scan directions run in one kernel call (the scan's grouped-B/C mode, one group per
-  direction), and the conv output and delta are recomputed in the backward pass instead of being stored, as
-  mamba-ssm's own ``mamba_inner_fn`` does; so a layer keeps only xz, the pre-gate scan output, the small
-  x_proj output and the scan's kept states for its backward pass.
+  token by token; the flips below are its kernels too), ``cuda`` causal-conv1d's conv and mamba-ssm's scan
+  (cost in steps of powers of two in the length) with the flips in torch. Both scan directions run in one
+  kernel call (the scan's grouped-B/C mode, one group per direction), and the conv output and delta are
+  recomputed in the backward pass instead of being stored, as mamba-ssm's own ``mamba_inner_fn`` does; so
+  a layer keeps only xz, the pre-gate scan output, the small x_proj output and the scan's kept states for
+  its backward pass.
 
 Math (spec section 6), with the parameters of the two directions stacked along the channel axis
 (forward direction first, E channels each):
