@@ -2,8 +2,8 @@
 without kernels (causal-conv1d with Triton or mamba-ssm).
 
 Each kernel path and the pure-PyTorch path of the whole Vim-Ti model agree (fp32 logits and every parameter
-gradient), for every strategy; the CUDA-graph training step trains like the eager step and follows the
-learning rate the scheduler writes."""
+gradient), for every strategy; the CUDA-graph training step trains like the eager step, follows the
+learning rate the scheduler writes, and is captured while a loader thread pins memory."""
 import threading
 
 import pytest
