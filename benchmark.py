@@ -84,7 +84,8 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="also profile 5 steps of each configuration (torch.profiler): GPU kernel time per step "
-                        "and the top kernels, to see whether a step is bound by the GPU or by the host")
+                        "and the top kernels, to see whether a step is bound by the GPU or by the host; "
+                        "the JSON gets every kernel's time per step")
     p.add_argument("--output", default="", help="write the results as JSON here")
     return p
 
@@ -143,7 +144,7 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
         peak = (torch.cuda.max_memory_allocated() - resident) / 2 ** 20
     else:
         peak = None  # no allocator statistics on the CPU
-    gpu_ms = profile(step, samples, targets) if args.profile and cuda else None
+    gpu_ms, kernels_ms = profile(step, samples, targets) if args.profile and cuda else (None, None)
     mixer = model.layers[0].mixer
     kernels = ssm_ops.resolve_backend(backend, samples, 2 * mixer.d_inner, mixer.d_state)
     result = {
@@ -153,6 +154,7 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
         "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
         "images_per_s": batch_size / statistics.median(times) * 1e3, "peak_mib": peak,
         "ideal": model.fusion_summary()["token_layer_fraction"], "final_loss": float(loss), "gpu_kernel_ms": gpu_ms,
+        "gpu_kernels": kernels_ms,
     }
     del model, optimizer, step, samples, targets, loss
     gc.collect()
@@ -162,7 +164,8 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
 
 
 def profile(step, samples, targets, steps=5):
-    """GPU kernel time per step (ms) over ``steps`` steps; prints the 25 most expensive kernels."""
+    """GPU kernel time per step (ms) over ``steps`` steps, and {kernel: [ms, calls] per step} for every kernel,
+    most expensive first; prints the 25 most expensive."""
     from torch.profiler import ProfilerActivity
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -171,7 +174,8 @@ def profile(step, samples, targets, steps=5):
     averages = prof.key_averages()
     total = sum(e.self_device_time_total for e in averages) / 1e3 / steps  # every kernel counted once
     print(averages.table(sort_by="device_time_total", row_limit=25, max_name_column_width=60))
-    return total
+    kernels = sorted((e for e in averages if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    return total, {e.key: [e.self_device_time_total / 1e3 / steps, e.count / steps] for e in kernels}
 
 
 def add_ratios(results):

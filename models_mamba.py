@@ -42,7 +42,14 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        p, s = self.proj.kernel_size[0], self.proj.stride[0]
+        if p != s or self.img_size % p:  # overlapping patches (or a cropped border): the convolution itself
+            return self.proj(x).flatten(2).transpose(1, 2)
+        # Non-overlapping patches: the convolution is one GEMM on the patches laid out as rows, which is
+        # cheaper than cuDNN's convolution (and, in bf16, its layout conversions).
+        b, c, side = x.shape[0], x.shape[1], self.grid_size[0]
+        patches = x.reshape(b, c, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(b * side * side, c * p * p)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias).view(b, side * side, -1)
 
 
 class RMSNorm(nn.Module):

@@ -194,6 +194,16 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out):
     return selective_scan_cuda.bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, states, out, None, True, True)
 
 
+def _channel_major(b, c, l, like):
+    """An empty (B, C, L) tensor stored as (C, B*L), the layout in which xz leaves the in_proj GEMM."""
+    return torch.empty(c, b, l, device=like.device, dtype=like.dtype).transpose(0, 1)
+
+
+def _flat(t):
+    """(B, C, L) stored as (C, B*L) -> that (C, B*L) view."""
+    return t.transpose(0, 1).view(t.shape[1], -1)
+
+
 Kernels = collections.namedtuple("Kernels", "conv_fwd conv_bwd scan_fwd scan_bwd mirror fold")
 
 
@@ -222,7 +232,10 @@ class BiMambaInnerFn(torch.autograd.Function):
         out, states, out_z = k.scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
         ctx.backend = backend
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, out)
-        return F.linear(k.fold(out_z).transpose(1, 2), out_proj_w * 0.5)  # the /2 folded into the weight
+        b, e2, l = xz.shape
+        folded = k.fold(out_z, _channel_major(b, e2 // 2, l, xz))
+        # one GEMM over all B*L tokens, no copy; the /2 folded into the weight
+        return F.linear(_flat(folded).t(), out_proj_w * 0.5).view(b, l, -1)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -236,8 +249,8 @@ class BiMambaInnerFn(torch.autograd.Function):
         u = k.conv_fwd(xs, conv_w, conv_b)
         delta, Bm, Cm = _split_x_dbl(x_dbl, dt_proj_w, n)
         dout = dout.to(xz.dtype)
-        dy = torch.matmul((out_proj_w * 0.5).t(), dout.transpose(1, 2))  # (B, E, L), tokens contiguous
-        dout_z, = k.mirror(dy, 1)
+        dy = torch.matmul((out_proj_w * 0.5).t(), dout.reshape(b * l, -1).t())  # (E, B*L): one GEMM
+        dout_z, = k.mirror(dy.view(e, b, l).transpose(0, 1), 1)
         du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = k.scan_bwd(
             u, delta, A, Bm, Cm, D, zs, dt_bias, dout_z, states, out)
         # Weight gradients reduce over batch and length. As one GEMM per direction they are skinny
@@ -254,7 +267,7 @@ class BiMambaInnerFn(torch.autograd.Function):
         dx_proj_w = _batch_sum(torch.matmul(dx_dbl, u.transpose(2, 3)))
         du = du.view(b, 2, e, l) + torch.matmul(x_proj_w.transpose(1, 2), dx_dbl)
         dxs, dconv_w, dconv_b = k.conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
-        dxz = torch.empty(b, e2, l, device=xz.device, dtype=xz.dtype)
+        dxz = torch.empty_like(xz)  # xz's strides: the in_proj GEMM's backward then takes it without a copy
         k.fold(dxs, dxz[:, :e])
         k.fold(dzs, dxz[:, e:])
         return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w, None

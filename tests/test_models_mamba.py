@@ -151,6 +151,22 @@ def trained_like_mixer():
     return mixer
 
 
+@pytest.mark.parametrize("img_size,patch,stride", [(32, 8, 8), (30, 8, 8), (32, 8, 4)])
+def test_patch_embed_equals_the_convolution(img_size, patch, stride):
+    """Non-overlapping patches go through a GEMM, others (and a cropped border) through the conv itself:
+    output and weight/bias gradients equal F.conv2d's in float64."""
+    torch.manual_seed(0)
+    embed = models_mamba.PatchEmbed(img_size, patch, stride, in_chans=3, embed_dim=6).double()
+    x = torch.randn(2, 3, img_size, img_size, dtype=torch.float64)
+    got = embed(x)
+    want = F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=stride).flatten(2).transpose(1, 2)
+    assert got.shape == (2, embed.num_patches, 6)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(
+        torch.autograd.grad(got, embed.parameters(), g), torch.autograd.grad(want, embed.parameters(), g)))
+
+
 def test_bimamba_mixer_matches_naive_float64():
     mixer = trained_like_mixer()
     hidden = torch.randn(2, 11, 16, dtype=F64)

@@ -126,6 +126,7 @@ def test_kernel_function_matches_reference_autograd(monkeypatch, backend):
     fn_grads = torch.autograd.grad(fn_out, fn_in, dout.to(device))
     tol = dict(rtol=1e-9, atol=1e-11) if backend == "cuda" else dict(rtol=1e-4, atol=1e-5)
     assert fn_out.dtype == inputs[0].dtype
+    assert fn_grads[0].stride() == fn_in[0].stride()  # so in_proj's backward takes dxz without a copy
     assert torch.allclose(fn_out.double().cpu(), ref_out, **tol)
     for i, (g_fn, g_ref) in enumerate(zip(fn_grads, ref_grads)):
         assert g_fn.shape == g_ref.shape, i
