@@ -1,5 +1,6 @@
 """Triton kernels for Vim's mixer whose cost follows the sequence length: causal depthwise conv + SiLU,
-the selective scan, and the two scan directions' layout (a sequence next to its flip, and the sum back).
+the selective scan, and the two scan directions' layout (a sequence next to its flip, and the sum back);
+and the token merge of token_fusion (its linear map and that map's transpose, one pass each).
 
 mamba-ssm's scan and causal-conv1d size their work per thread block from the sequence length in steps of
 powers of two (the scan: a 197-token and a 129-token layer cost the same), so token fusion saves little
@@ -370,4 +371,64 @@ def fold(src, out=None):
                          f"with strides {out.stride()}")
     _fold_kernel[(bt, triton.cdiv(ch // 2 * length, LAYOUT_BLOCK))](
         src, out, length, ch // 2 * length, out.stride(0), out.stride(1), BLOCK=LAYOUT_BLOCK)
+    return out
+
+
+# ----------------------------------------------------------------------------- token merge (token_fusion.merge)
+# In torch the merge of one stream is a gather of the kept rows, a gather and an index_add of the fused rows and
+# a broadcast division; its backward a division and a gather. Each is one pass here, and the division happens in
+# float32 before the single rounding to the stream's dtype.
+
+@triton.jit
+def _merge_rows_kernel(x_ptr, out_ptr, keep_ptr, src_ptr, dst_ptr, weight_ptr, T, T_OUT, R, C,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0)   # b * T_OUT + j
+    b = row // T_OUT
+    c = tl.arange(0, BLOCK)
+    cm = c < C
+    base = b.to(tl.int64) * T
+    acc = tl.load(x_ptr + (base + tl.load(keep_ptr + row)) * C + c, mask=cm).to(tl.float32)
+    for k in range(R):   # the r fused rows of this sample that land on output row j
+        hit = tl.load(dst_ptr + b * R + k) == row - b * T_OUT
+        src = tl.load(src_ptr + b * R + k)
+        acc += tl.load(x_ptr + (base + src) * C + c, mask=cm & hit, other=0.0).to(tl.float32)
+    out = acc / tl.load(weight_ptr + row)
+    tl.store(out_ptr + row.to(tl.int64) * C + c, out.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _gather_rows_kernel(g_ptr, out_ptr, dest_ptr, weight_ptr, T, T_OUT, C, BLOCK: tl.constexpr):
+    row = tl.program_id(0)   # b * T + i
+    c = tl.arange(0, BLOCK)
+    cm = c < C
+    j = (row // T).to(tl.int64) * T_OUT + tl.load(dest_ptr + row)
+    g = tl.load(g_ptr + j * C + c, mask=cm).to(tl.float32) / tl.load(weight_ptr + j)
+    tl.store(out_ptr + row.to(tl.int64) * C + c, g.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def _row_block(c):
+    block = triton.next_power_of_2(c)
+    return dict(BLOCK=block, num_warps=max(1, min(block // 256, 8)))
+
+
+def merge_rows(x, keep, src, dst, weight):
+    """x (B, T, C) -> (B, T', C): out[b, j] = (x[b, keep[b, j]] + sum over k with dst[b, k] = j of x[b, src[b, k]])
+    / weight[b, j]; keep (B, T'), src and dst (B, r) long, weight (B, T') or (B, T', 1) float32."""
+    x = x.contiguous()
+    bt, t, c = x.shape
+    t_out, r = keep.shape[1], src.shape[1]
+    out = torch.empty(bt, t_out, c, device=x.device, dtype=x.dtype)
+    _merge_rows_kernel[(bt * t_out,)](x, out, keep.contiguous(), src.contiguous(), dst.contiguous(),
+                                      weight.contiguous(), t, t_out, r, c, **_row_block(c))
+    return out
+
+
+def gather_rows(g, dest, weight):
+    """The merge's transpose: g (B, T', C) -> (B, T, C), out[b, i] = g[b, dest[b, i]] / weight[b, dest[b, i]];
+    dest (B, T) long (the output row of each input row), weight (B, T') or (B, T', 1) float32."""
+    g = g.contiguous()
+    bt, t_out, c = g.shape
+    t = dest.shape[1]
+    out = torch.empty(bt, t, c, device=g.device, dtype=g.dtype)
+    _gather_rows_kernel[(bt * t,)](g, out, dest.contiguous(), weight.contiguous(), t, t_out, c, **_row_block(c))
     return out

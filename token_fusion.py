@@ -17,6 +17,11 @@ it out. The index is a Python int while it is the same for the whole batch, else
 """
 import torch
 
+try:  # the merge's CUDA kernels; the torch path below needs nothing else
+    import kernels_triton
+except ImportError:
+    kernels_triton = None
+
 STRATEGIES = ("no", "none", "all", "interleaved", "alternate", "lower", "upper")
 _ALIASES = {"none": "no", "alternate": "interleaved"}
 ORDERS = ("released", "spatial")
@@ -128,29 +133,49 @@ def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=Non
     return keep, dst_out, cls - merged_before.gather(1, cls[:, None]).squeeze(1)
 
 
-class _MergeRows(torch.autograd.Function):
-    """The merge as a linear map M on flattened rows, applied to several streams at once.
+def _merge_kernels(x):
+    """Whether a stream is merged by kernels_triton's kernels (float32/16 streams on CUDA with Triton installed)."""
+    return kernels_triton is not None and x.is_cuda and x.dtype != torch.float64
 
-    Each stream x: (B*T, C_k) -> (B*(T - r), C_k), out[j] = (x[keep[j]] + sum of x[src[i]] over dst[i] = j) / weight[j].
-    Backward: M^T is a gather, dx[i] = dout[dest[i]] / weight[dest[i]] with dest[i] the output row of input row i,
-    so each stream's gradient costs one division and one index_select (no zero-filled scatter buffers).
+
+def _flat_rows(index, n):
+    """(B, K) positions in sequences of n rows -> (B*K,) rows of the (B*n, C) flattened stream."""
+    return (index + torch.arange(0, index.shape[0] * n, n, device=index.device)[:, None]).flatten()
+
+
+class _MergeRows(torch.autograd.Function):
+    """The merge as a linear map M, applied to several (B, T, C) streams at once:
+    out[b, j] = (x[b, keep[b, j]] + sum of x[b, src[b, k]] over dst[b, k] = j) / weight[b, j] (weight (B, T - r, 1)).
+    Backward: M^T is a gather, dx[b, i] = dout[b, dest[b, i]] / weight[b, dest[b, i]] with dest[b, i] the output row
+    of input row i, so no zero-filled scatter buffer is needed and no stream is saved. On CUDA each direction is
+    one Triton kernel per stream; elsewhere index_select / index_add_ on the flattened rows.
     """
 
     @staticmethod
     def forward(ctx, keep, src, dst, dest, weight, *streams):
         ctx.save_for_backward(dest, weight)
+        if _merge_kernels(streams[0]):
+            return tuple(kernels_triton.merge_rows(x, keep, src, dst, weight) for x in streams)
+        batch, num_tokens = dest.shape
+        kept = keep.shape[1]
+        keep, src, dst = _flat_rows(keep, num_tokens), _flat_rows(src, num_tokens), _flat_rows(dst, kept)
         outs = []
         for x in streams:
+            x = x.reshape(batch * num_tokens, -1)
             out = x.index_select(0, keep)
             out.index_add_(0, dst, x.index_select(0, src))
-            outs.append(out.div_(weight))
+            outs.append(out.div_(weight.view(-1, 1)).view(batch, kept, -1))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         dest, weight = ctx.saved_tensors
-        return (None,) * 5 + tuple(None if g is None else (g / weight.to(g.dtype)).index_select(0, dest)
-                                  for g in grads)
+        if _merge_kernels(grads[0]):
+            return (None,) * 5 + tuple(kernels_triton.gather_rows(g, dest, weight) for g in grads)
+        batch, num_tokens = dest.shape
+        rows = _flat_rows(dest, weight.shape[1])
+        return (None,) * 5 + tuple((g / weight.to(g.dtype)).reshape(-1, g.shape[-1]).index_select(0, rows)
+                                   .view(batch, num_tokens, -1) for g in grads)
 
 
 def merge(streams, src, keep, dst_out, size=None):
@@ -164,14 +189,10 @@ def merge(streams, src, keep, dst_out, size=None):
         dest = torch.empty(batch, num_tokens, dtype=torch.long, device=keep.device)
         dest.scatter_(1, keep, torch.arange(kept, device=keep.device).expand(batch, -1))
         dest.scatter_(1, src, dst_out)
-        first_in, first_out = (torch.arange(0, batch * n, n, device=keep.device)[:, None] for n in (num_tokens, kept))
-        rows = [(i + first).flatten() for i, first in ((keep, first_in), (src, first_in), (dst_out, first_out),
-                                                       (dest, first_out))]
         weight = merged_size(keep, src, dst_out, size)
     if size is not None:
         streams = [x * size for x in streams]
-    fused = _MergeRows.apply(*rows, weight.view(-1, 1), *(x.reshape(batch * num_tokens, -1) for x in streams))
-    return [f.view(batch, kept, -1) for f in fused], weight
+    return list(_MergeRows.apply(keep, src, dst_out, dest, weight, *streams)), weight
 
 
 def merged_size(keep, src, dst_out, size=None):

@@ -5,7 +5,8 @@ backward time against sequence length, and their agreement. Shapes are one Vim l
     python scripts/scan_benchmark.py --batch 128 --channels 768 --lengths 197 161 129 128 97 33 \
         --configs 8:8:1:4:2 16:4:2:4:2 --conv --output scan.json
 
-A config is fwd_chunk:fwd_channels:fwd_warps:bwd_channels:bwd_warps (kernels_triton's scan knobs).
+A config is fwd_chunk:fwd_channels:fwd_warps:bwd_channels:bwd_warps (kernels_triton's scan knobs); ``default``
+(the default) is kernels_triton's own choice for each dtype.
 """
 import argparse
 import json
@@ -46,7 +47,7 @@ def scan_kernels(configs):
 
         def bwd(x, g, o, s, bch=bch, bw=bw):
             return kt.scan_bwd(*(x[k] for k in SCAN_ARGS), g, *s, channels=bch, warps=bw)[:8]
-        found[f"triton scan {chunk}:{fch}:{fw}:{bch}:{bw}"] = (fwd, bwd)
+        found["triton scan " + ("default" if chunk is None else f"{chunk}:{fch}:{fw}:{bch}:{bw}")] = (fwd, bwd)
     return found
 
 
@@ -66,7 +67,7 @@ def median_ms(fn):
 
 def main(args):
     rows = []
-    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]
+    configs = [(None,) * 5 if c == "default" else tuple(int(v) for v in c.split(":")) for c in args.configs]
     families = [scan_kernels(configs)] + ([conv_kernels()] if args.conv else [])
     for dname in args.dtypes:
         for length in args.lengths:
@@ -109,8 +110,7 @@ if __name__ == "__main__":
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--lengths", type=int, nargs="+", default=[197, 188, 161, 129, 128, 97, 65, 33, 17])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
-    p.add_argument("--configs", nargs="+", default=[f"{kt.FWD_CHUNK}:{kt.FWD_CHANNELS}:{kt.FWD_WARPS}:"
-                                                     f"{kt.BWD_CHANNELS}:{kt.BWD_WARPS}"])
+    p.add_argument("--configs", nargs="+", default=["default"])
     p.add_argument("--conv", action="store_true", help="also time the conv kernels")
     p.add_argument("--output", default="")
     main(p.parse_args())

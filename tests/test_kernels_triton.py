@@ -57,6 +57,26 @@ def test_scan_matches_float64_reference_and_autograd(b, ch, groups, n, length):
     assert rel(got[8], ref_z) < 1e-5  # out_z recomputed for the out_proj weight gradient
 
 
+def test_bfloat16_scan_matches_float64_reference():
+    """bfloat16 sequences (float32 A, D, delta bias, as the model passes them): outputs and gradients match the
+    float64 reference of the same rounded inputs to bfloat16 output precision."""
+    x = inputs(2, 16, 2, 4, S + 5, seed=11)
+    args = [x[k].to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else x[k]
+            for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    dev_args = [t.to(DEVICE) for t in args]
+    out, states, out_z = kt.scan_fwd(*dev_args)
+    ref_in = [t.double().requires_grad_() for t in args]
+    ref_z = ssm_ops.selective_scan_ref(*ref_in)
+    assert out_z.dtype == torch.bfloat16 and rel(out_z, ref_z) < 1e-2
+    dout_z = torch.randn(ref_z.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    want = torch.autograd.grad(ref_z, ref_in, dout_z.double())
+    got = kt.scan_bwd(*dev_args, dout_z.to(DEVICE), states, out)
+    grads = dict(zip(GRAD_NAMES, got[:8]))
+    for name, grad in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), want):
+        assert grads[name].shape == grad.shape, name
+        assert rel(grads[name], grad) < 1e-2, (name, rel(grads[name], grad))
+
+
 def test_prefix_of_a_longer_sequence_scans_the_same():
     """The state carried between chunks is the state at the last real token: a sequence scanned as a prefix
     of a longer one gives the same outputs, whatever the longer one holds after it."""
@@ -150,3 +170,66 @@ def test_fold_adds_the_flipped_backward_half_into_a_slice(dtype, length):
     assert torch.allclose(whole[:, e:2 * e].cpu().double(), want.to(dtype).double(), **tol)
     assert not whole[:, :e].any() and not whole[:, 2 * e:].any()
     assert torch.equal(kt.fold(src.to(DEVICE)).cpu(), whole[:, e:2 * e].cpu())
+
+
+# ----------------------------------------------------------------------------- token merge
+
+def _merge_case(dtype, c=5):
+    """Two samples of 9 tokens; sample 0 fuses rows 0, 2, 6 into output row 4 twice and row 5 once (collisions)."""
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(2, 9, c, generator=g).to(dtype)
+    keep = torch.tensor([[1, 3, 4, 5, 7, 8], [0, 1, 2, 3, 4, 8]])
+    src = torch.tensor([[0, 2, 6], [5, 6, 7]])
+    dst = torch.tensor([[4, 4, 5], [0, 5, 0]])   # output rows
+    weight = torch.tensor([[1., 1., 1., 1., 3., 2.], [3., 1., 1., 1., 1., 2.]])[..., None] * 1.5
+    dest = torch.empty(2, 9, dtype=torch.long)
+    for b in range(2):
+        dest[b, keep[b]] = torch.arange(6)
+        dest[b, src[b]] = dst[b]
+    return x, keep, src, dst, weight, dest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [5, 300])
+def test_merge_rows_and_its_transpose_against_loops(dtype, c):
+    x, keep, src, dst, weight, dest = _merge_case(dtype, c)
+    want = torch.zeros(2, 6, c, dtype=torch.float64)
+    for b in range(2):
+        for j in range(6):
+            want[b, j] = x[b, keep[b, j]].double()
+            for k in range(3):
+                if dst[b, k] == j:
+                    want[b, j] += x[b, src[b, k]].double()
+            want[b, j] /= weight[b, j, 0].double()
+    on = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
+    got = kt.merge_rows(*on(x, keep, src, dst, weight))
+    # float32 sums, one rounding to the stream's dtype (the CPU interpreter truncates bfloat16: one step)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    assert got.dtype == dtype and torch.allclose(got.cpu().double(), want.to(dtype).double(), **tol)
+
+    grad = torch.randn(2, 6, c, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want_dx = torch.empty(2, 9, c, dtype=torch.float64)
+    for b in range(2):
+        for i in range(9):  # column i of M: 1 / weight of the output row that input row i lands in
+            want_dx[b, i] = grad[b, dest[b, i]].double() / weight[b, dest[b, i], 0].double()
+    got_dx = kt.gather_rows(*on(grad, dest, weight))
+    assert got_dx.dtype == dtype and torch.allclose(got_dx.cpu().double(), want_dx.to(dtype).double(), **tol)
+
+
+@pytest.mark.parametrize("mode", ["mean", "size"])
+def test_fuse_through_the_kernels_equals_the_torch_merge(monkeypatch, mode):
+    """token_fusion.fuse with its Triton merge (forced on, interpreted on the CPU) against its torch merge."""
+    import token_fusion
+    g = torch.Generator().manual_seed(0)
+    hidden, residual = torch.randn(3, 21, 6, generator=g), torch.randn(3, 21, 6, generator=g)
+    size = torch.rand(3, 21, 1, generator=g) + 1 if mode == "size" else None
+    w1, w2 = torch.randn(3, 14, 6, generator=g), torch.randn(3, 14, 6, generator=g)
+    results = []
+    for kernels in (False, True):
+        monkeypatch.setattr(token_fusion, "_merge_kernels", lambda x, on=kernels: on)
+        h, r = (t.clone().to(DEVICE).requires_grad_() for t in (hidden, residual))
+        out_h, out_r, cls, _ = token_fusion.fuse(h, r, 7, 10, None if size is None else size.to(DEVICE), mode=mode)
+        grads = torch.autograd.grad((out_h * w1.to(DEVICE)).sum() + (out_r * w2.to(DEVICE)).sum(), (h, r))
+        results.append([t.detach().cpu() for t in (out_h, out_r, *grads)])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
