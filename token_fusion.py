@@ -14,6 +14,7 @@ residual stream:
 
 The class token is never fused, wherever it sits; its index after fusion is returned so the model can read
 it out. The index is a Python int while it is the same for the whole batch, else a (B,) long tensor.
+On CUDA the merge (step 3) runs as kernels_triton's merge_rows / gather_rows, elsewhere as torch index ops.
 """
 import torch
 

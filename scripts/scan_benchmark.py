@@ -6,7 +6,7 @@ backward time against sequence length, and their agreement. Shapes are one Vim l
         --configs 8:8:1:4:2 16:4:2:4:2 --conv --output scan.json
 
 A config is fwd_chunk:fwd_channels:fwd_warps:bwd_channels:bwd_warps (kernels_triton's scan knobs); ``default``
-(the default) is kernels_triton's own choice for each dtype.
+(the default) is kernels_triton's own setting (FWD_* and BWD_*).
 """
 import argparse
 import json

@@ -175,7 +175,9 @@ def test_fold_adds_the_flipped_backward_half_into_a_slice(dtype, length):
 # ----------------------------------------------------------------------------- token merge
 
 def _merge_case(dtype, c=5):
-    """Two samples of 9 tokens; sample 0 fuses rows 0, 2, 6 into output row 4 twice and row 5 once (collisions)."""
+    """Two samples of 9 tokens, r = 3, with two fused rows landing on one output row in each sample (sample 0:
+    rows 0 and 2 into output row 4, row 6 into 5; sample 1: rows 5 and 7 into 0, row 6 into 5). The weights are
+    the group sizes times 1.5, so a kernel that counted the group instead of reading weight would fail."""
     g = torch.Generator().manual_seed(c)
     x = torch.randn(2, 9, c, generator=g).to(dtype)
     keep = torch.tensor([[1, 3, 4, 5, 7, 8], [0, 1, 2, 3, 4, 8]])
