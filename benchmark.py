@@ -145,8 +145,7 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
     else:
         peak = None  # no allocator statistics on the CPU
     gpu_ms, kernels_ms = profile(step, samples, targets) if args.profile and cuda else (None, None)
-    mixer = model.layers[0].mixer
-    kernels = ssm_ops.resolve_backend(backend, samples, 2 * mixer.d_inner, mixer.d_state)
+    kernels = model.layers[0].mixer.kernels(samples)
     result = {
         "model": model_name, "ssm_backend": kernels,
         "strategy": strategy_label(fusion), **fusion, "precision": precision,

@@ -296,9 +296,7 @@ def main(args):
     fusion = model_without_ddp.fusion_summary()
     print(f'number of params: {n_parameters}')
     print(f'token fusion: {json.dumps(fusion)}')
-    mixer = model_without_ddp.layers[0].mixer
-    kernels = ssm_ops.resolve_backend(args.ssm_backend, torch.empty(0, device=device), 2 * mixer.d_inner, mixer.d_state)
-    print(f'mixer kernels: {kernels}')
+    print(f'mixer kernels: {model_without_ddp.layers[0].mixer.kernels(torch.empty(0, device=device))}')
 
     # EMA after the DDP wrap: DDP has broadcast rank 0's weights, so every process starts the same EMA
     model_ema = None

@@ -94,6 +94,10 @@ class BiMamba(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.dt_proj.bias._no_reinit = True
 
+    def kernels(self, tensor):
+        """The kernels ('triton', 'cuda' or 'torch') this mixer runs with on tensors like ``tensor``."""
+        return ssm_ops.resolve_backend(self.backend, tensor, 2 * self.d_inner, self.d_state)
+
     def forward(self, hidden):
         b, l, _ = hidden.shape
         # (2E, B*L) -> (B, 2E, L) with unit stride along L, the layout the kernels read.

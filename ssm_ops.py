@@ -221,7 +221,7 @@ class BiMambaInnerFn(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend="cuda"):
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend):
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             xz, x_proj_w, dt_proj_w, out_proj_w = (t.to(dtype) for t in (xz, x_proj_w, dt_proj_w, out_proj_w))
