@@ -106,32 +106,31 @@ def bipartite_soft_matching(metric, r, cls_index=None):
 def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=None):
     """Where every token goes, for both output orders.
 
-    Returns (keep, dst_out, cls_out): keep (B, T - r) source positions of the output tokens, dst_out (B, r)
-    output index of each src token's destination, cls_out the class token's output index (int when static).
+    Returns (keep, dst_out, dest, cls_out): keep (B, T - r) source positions of the output tokens, dst_out (B, r)
+    output index of each src token's destination, dest (B, T) output index of every input token, and cls_out
+    the class token's output index (int when static).
     """
     batch, r = src.shape
     device = src.device
-    # No class token, or one at position 0 (the first A token, never fused): its index stays as it is.
-    static_cls = cls_index is None or (isinstance(cls_index, int) and cls_index == 0)
-    cls = None if static_cls else torch.as_tensor(cls_index, device=device).expand(batch)
     if order == "released":
-        n_kept_a = kept_a.shape[1]
         odd = torch.arange(1, num_tokens, 2, device=device).expand(batch, -1)
         keep = torch.cat([kept_a, odd], dim=1)
-        dst_out = n_kept_a + (dst - 1) // 2
-        if static_cls:
-            return keep, dst_out, cls_index
-        return keep, dst_out, torch.where(cls % 2 == 0, (kept_a < cls[:, None]).sum(1), n_kept_a + (cls - 1) // 2)
-    if order != "spatial":
+        dst_out = kept_a.shape[1] + (dst - 1) // 2
+    elif order == "spatial":
+        merged = torch.zeros(batch, num_tokens, dtype=torch.long, device=device).scatter_(1, src, 1)
+        positions = torch.arange(num_tokens, device=device)
+        keep = (positions + num_tokens * merged).argsort(dim=1)[:, :num_tokens - r]
+        dst_out = dst - merged.cumsum(dim=1).gather(1, dst)  # minus the merged tokens at or before it
+    else:
         raise ValueError(f"fusion order must be one of {ORDERS}, got {order!r}")
-    merged = torch.zeros(batch, num_tokens, dtype=torch.long, device=device).scatter_(1, src, 1)
-    positions = torch.arange(num_tokens, device=device)
-    keep = (positions + num_tokens * merged).argsort(dim=1)[:, :num_tokens - r]
-    merged_before = merged.cumsum(dim=1)  # merged tokens at or before each position
-    dst_out = dst - merged_before.gather(1, dst)
-    if static_cls:
-        return keep, dst_out, cls_index
-    return keep, dst_out, cls - merged_before.gather(1, cls[:, None]).squeeze(1)
+    dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    dest.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand(batch, -1))
+    dest.scatter_(1, src, dst_out)
+    # No class token, or one at position 0 (the first A token, never fused): its index stays as it is.
+    if cls_index is None or (isinstance(cls_index, int) and cls_index == 0):
+        return keep, dst_out, dest, cls_index
+    cls = torch.as_tensor(cls_index, device=device).expand(batch)
+    return keep, dst_out, dest, dest.gather(1, cls[:, None]).squeeze(1)
 
 
 def _merge_kernels(x):
@@ -179,17 +178,13 @@ class _MergeRows(torch.autograd.Function):
                                    .view(batch, num_tokens, -1) for g in grads)
 
 
-def merge(streams, src, keep, dst_out, size=None):
+def merge(streams, src, keep, dst_out, dest, size=None):
     """Fuse tokens of each stream (B, T, C_k) -> (B, T - r, C_k) with one map: out[j] = mean of x[keep[j]] and
     the src tokens whose destination is j; with ``size`` (B, T, 1) the mean is weighted by it (ToMe).
-    Differentiable in the streams. Returns (list of fused streams, weight (B, T - r, 1)).
+    dest (B, T) is the output index of every input token (fusion_indices). Differentiable in the streams.
+    Returns (list of fused streams, weight (B, T - r, 1)).
     """
-    batch, num_tokens = streams[0].shape[:2]
-    kept = keep.shape[1]
     with torch.no_grad():
-        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=keep.device)
-        dest.scatter_(1, keep, torch.arange(kept, device=keep.device).expand(batch, -1))
-        dest.scatter_(1, src, dst_out)
         weight = merged_size(keep, src, dst_out, size)
     if size is not None:
         streams = [x * size for x in streams]
@@ -200,8 +195,8 @@ def merged_size(keep, src, dst_out, size=None):
     """(B, T - r, 1): the number of tokens (or total size) fused into each output token."""
     if size is None:
         weight = torch.ones(keep.shape + (1,), device=keep.device)
-        return weight.scatter_add(1, dst_out[..., None], torch.ones(src.shape + (1,), device=src.device))
-    return size.gather(1, keep[..., None]).scatter_add(1, dst_out[..., None], size.gather(1, src[..., None]))
+        return weight.scatter_add_(1, dst_out[..., None], torch.ones(src.shape + (1,), device=src.device))
+    return size.gather(1, keep[..., None]).scatter_add_(1, dst_out[..., None], size.gather(1, src[..., None]))
 
 
 def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="mean"):
@@ -219,8 +214,9 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
         raise ValueError("cannot fuse a 3-token sequence whose class token may sit at position 1: set B would "
                          "hold only the class token")
     src, dst, kept_a = bipartite_soft_matching(hidden, r, cls_index)
-    keep, dst_out, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)
+    keep, dst_out, dest, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)
     if mode == "size" and size is None:
         size = torch.ones(hidden.shape[:2] + (1,), device=hidden.device, dtype=torch.float32)
-    (hidden, residual), new_size = merge((hidden, residual), src, keep, dst_out, size if mode == "size" else None)
+    (hidden, residual), new_size = merge((hidden, residual), src, keep, dst_out, dest,
+                                         size if mode == "size" else None)
     return hidden, residual, cls_out, (new_size if mode == "size" else None)
