@@ -14,7 +14,8 @@ residual stream:
 
 The class token is never fused, wherever it sits; its index after fusion is returned so the model can read
 it out. The index is a Python int while it is the same for the whole batch, else a (B,) long tensor.
-On CUDA the merge (step 3) runs as kernels_triton's merge_rows / gather_rows, elsewhere as torch index ops.
+On CUDA the merge (step 3) runs as kernels_triton's merge_rows / gather_rows, and in the paper's setting (order
+"released", mode "mean") steps 1-2 and the fusion map are kernels_triton.fusion_map; elsewhere all is torch ops.
 """
 import torch
 
@@ -94,7 +95,7 @@ def bipartite_soft_matching(metric, r, cls_index=None):
         protected = torch.arange(metric.shape[1], device=metric.device) == cls_index[:, None]
         scores.masked_fill_(protected[:, ::2, None] | protected[:, None, 1::2], float("-inf"))
     best, partner = scores.max(dim=-1)  # (B, nA)
-    order = best.argsort(dim=-1, descending=True)
+    order = best.argsort(dim=-1, descending=True, stable=True)  # ties: the earlier token first
     src_a = order[:, :r]
     kept_a = order[:, r:].sort(dim=-1).values
     return 2 * src_a, 2 * partner.gather(1, src_a) + 1, 2 * kept_a
@@ -133,7 +134,7 @@ def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=Non
     return keep, dst_out, dest, dest.gather(1, cls[:, None]).squeeze(1)
 
 
-def _merge_kernels(x):
+def _use_kernels(x):
     """Whether a stream is merged by kernels_triton's kernels (float32/16 streams on CUDA with Triton installed)."""
     return kernels_triton is not None and x.is_cuda and x.dtype != torch.float64
 
@@ -154,7 +155,7 @@ class _MergeRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keep, src, dst, dest, weight, *streams):
         ctx.save_for_backward(dest, weight)
-        if _merge_kernels(streams[0]):
+        if _use_kernels(streams[0]):
             return tuple(kernels_triton.merge_rows(x, keep, src, dst, weight) for x in streams)
         batch, num_tokens = dest.shape
         kept = keep.shape[1]
@@ -170,7 +171,7 @@ class _MergeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         dest, weight = ctx.saved_tensors
-        if _merge_kernels(grads[0]):
+        if _use_kernels(grads[0]):
             return (None,) * 5 + tuple(kernels_triton.gather_rows(g, dest, weight) for g in grads)
         batch, num_tokens = dest.shape
         rows = _flat_rows(dest, weight.shape[1])
@@ -213,6 +214,9 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     if r and num_tokens == 3 and cls_index is not None and not (isinstance(cls_index, int) and cls_index != 1):
         raise ValueError("cannot fuse a 3-token sequence whose class token may sit at position 1: set B would "
                          "hold only the class token")
+    if mode == "mean" and order == "released" and _use_kernels(hidden):  # the paper's setting, one kernel
+        src, keep, dst_out, dest, weight, cls_out = kernels_triton.fusion_map(hidden, r, cls_index)
+        return (*_MergeRows.apply(keep, src, dst_out, dest, weight, hidden, residual), cls_out, None)
     src, dst, kept_a = bipartite_soft_matching(hidden, r, cls_index)
     keep, dst_out, dest, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)
     if mode == "size" and size is None:

@@ -228,10 +228,42 @@ def test_fuse_through_the_kernels_equals_the_torch_merge(monkeypatch, mode):
     w1, w2 = torch.randn(3, 14, 6, generator=g), torch.randn(3, 14, 6, generator=g)
     results = []
     for kernels in (False, True):
-        monkeypatch.setattr(token_fusion, "_merge_kernels", lambda x, on=kernels: on)
+        monkeypatch.setattr(token_fusion, "_use_kernels", lambda x, on=kernels: on)
         h, r = (t.clone().to(DEVICE).requires_grad_() for t in (hidden, residual))
         out_h, out_r, cls, _ = token_fusion.fuse(h, r, 7, 10, None if size is None else size.to(DEVICE), mode=mode)
         grads = torch.autograd.grad((out_h * w1.to(DEVICE)).sum() + (out_r * w2.to(DEVICE)).sum(), (h, r))
         results.append([t.detach().cpu() for t in (out_h, out_r, *grads)])
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+MAP_CASES = [  # tokens, channels, r, class token
+    (7, 6, 3, 0), (8, 6, 3, "per-sample"), (9, 5, 2, 4), (9, 5, 4, 5), (21, 40, 7, None), (21, 40, 10, "per-sample"),
+    (197, 100, 14, 98), (183, 100, 9, "per-sample"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, c, r, cls", MAP_CASES)
+def test_fusion_map_equals_the_torch_matching_and_map(tokens, c, r, cls, dtype):
+    """kernels_triton.fusion_map against token_fusion's torch functions (bipartite matching, fusion_indices,
+    merged_size), index for index. Two samples repeat token rows so that scores tie: ties go to the earlier
+    token in both (a stable sort)."""
+    import token_fusion
+    g = torch.Generator().manual_seed(tokens * 100 + r)
+    x = torch.randn(3, tokens, c, generator=g).to(dtype)
+    x[1, 4:tokens:4] = x[1, 0]              # A tokens with identical best scores
+    x[2, 2] = x[2, 6] = 2 * x[2, 1]
+    if cls == "per-sample":
+        cls = torch.tensor([1, tokens - 1, tokens // 2])
+    src, dst, kept_a = token_fusion.bipartite_soft_matching(x, r, cls)
+    keep, dst_out, dest, cls_out = token_fusion.fusion_indices(src, dst, kept_a, tokens, "released", cls)
+    weight = token_fusion.merged_size(keep, src, dst_out)
+    on = cls.to(DEVICE) if isinstance(cls, torch.Tensor) else cls
+    got = kt.fusion_map(x.to(DEVICE), r, on)
+    for name, want, have in zip(("src", "keep", "dst_out", "dest", "weight"), (src, keep, dst_out, dest, weight), got):
+        assert have.dtype == want.dtype and torch.equal(have.cpu(), want), name
+    if isinstance(cls_out, torch.Tensor):
+        assert torch.equal(got[5].cpu(), cls_out)
+    else:
+        assert got[5] == cls_out
