@@ -135,7 +135,7 @@ def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=Non
 
 
 def _use_kernels(x):
-    """Whether a stream is merged by kernels_triton's kernels (float32/16 streams on CUDA with Triton installed)."""
+    """Whether fusion of this stream runs on kernels_triton (float32/16 streams on CUDA with Triton installed)."""
     return kernels_triton is not None and x.is_cuda and x.dtype != torch.float64
 
 

@@ -109,7 +109,7 @@ def test_cuda_graph_step_trains_like_eager_and_follows_lr():
     assert len(set(graph_losses)) > 4  # replays compute fresh losses
     for a, b in zip(eager_losses, graph_losses):
         assert abs(a - b) < 1e-3 * max(1.0, abs(a))
-    assert rel(graph_params[5], eager_params[5]) < 1e-3  # atomics in the merge: not bit-reproducible
+    assert rel(graph_params[5], eager_params[5]) < 1e-3  # capturable and plain AdamW round differently
     assert torch.equal(graph_params[7], graph_params[5])  # lr 0 written by the "scheduler": no update
     assert not torch.equal(graph_params[5], graph_params[4])
 
