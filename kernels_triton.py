@@ -434,6 +434,9 @@ def _fusion_map_kernel(x_ptr, cls_ptr, src_ptr, dst_ptr, keep_ptr, dest_ptr, wei
         tl.store(cls_out_ptr + b, tl.where(cls % 2 == 0, cls_pos, first_b + cls // 2).to(tl.int64))
 
 
+FUSION_MAP_MAX_TOKENS = 256  # a program holds the (T/2)^2 scores in registers: 128 x 128 at most
+
+
 def fusion_map(x, r, cls_index=None):
     """token_fusion's matching and fusion map for output order "released" and the plain mean, one program per
     sample. x (B, T, C) is the similarity metric; r tokens are fused; cls_index (int, (B,) long tensor or None)
@@ -446,6 +449,8 @@ def fusion_map(x, r, cls_index=None):
     na, nb = (t + 1) // 2, t // 2
     if not 0 < r <= nb:
         raise ValueError(f"can fuse 1..{nb} of {t} tokens, got r={r}")
+    if t > FUSION_MAP_MAX_TOKENS:
+        raise ValueError(f"fusion_map takes at most {FUSION_MAP_MAX_TOKENS} tokens, got {t}")
     long = dict(device=x.device, dtype=torch.long)
     src, dst_out, keep, dest = (torch.empty(bt, n, **long) for n in (r, r, t - r, t))
     weight = torch.empty(bt, t - r, 1, device=x.device, dtype=torch.float32)

@@ -15,7 +15,8 @@ residual stream:
 The class token is never fused, wherever it sits; its index after fusion is returned so the model can read
 it out. The index is a Python int while it is the same for the whole batch, else a (B,) long tensor.
 On CUDA the merge (step 3) runs as kernels_triton's merge_rows / gather_rows, and in the paper's setting (order
-"released", mode "mean") steps 1-2 and the fusion map are kernels_triton.fusion_map; elsewhere all is torch ops.
+"released", mode "mean", up to 256 tokens) steps 1-2 and the fusion map are kernels_triton.fusion_map; elsewhere
+all is torch ops.
 """
 import torch
 
@@ -214,7 +215,8 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     if r and num_tokens == 3 and cls_index is not None and not (isinstance(cls_index, int) and cls_index != 1):
         raise ValueError("cannot fuse a 3-token sequence whose class token may sit at position 1: set B would "
                          "hold only the class token")
-    if mode == "mean" and order == "released" and _use_kernels(hidden):  # the paper's setting, one kernel
+    if (r and mode == "mean" and order == "released" and _use_kernels(hidden)  # the paper's setting: one kernel
+            and num_tokens <= kernels_triton.FUSION_MAP_MAX_TOKENS):
         src, keep, dst_out, dest, weight, cls_out = kernels_triton.fusion_map(hidden, r, cls_index)
         return (*_MergeRows.apply(keep, src, dst_out, dest, weight, hidden, residual), cls_out, None)
     src, dst, kept_a = bipartite_soft_matching(hidden, r, cls_index)

@@ -267,3 +267,22 @@ def test_fusion_map_equals_the_torch_matching_and_map(tokens, c, r, cls, dtype):
         assert torch.equal(got[5].cpu(), cls_out)
     else:
         assert got[5] == cls_out
+
+
+def test_fuse_uses_fusion_map_up_to_its_token_limit_and_torch_beyond(monkeypatch):
+    """Past FUSION_MAP_MAX_TOKENS (more scores than a program holds) fuse falls back to the torch matching, with
+    the same result; at the limit it takes the kernel."""
+    import token_fusion
+    calls = []
+    real = kt.fusion_map
+    monkeypatch.setattr(kt, "fusion_map", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    for tokens in (kt.FUSION_MAP_MAX_TOKENS, kt.FUSION_MAP_MAX_TOKENS + 1):
+        g = torch.Generator().manual_seed(tokens)
+        hidden, residual = (torch.randn(2, tokens, 8, generator=g).to(DEVICE) for _ in range(2))
+        results = []
+        for kernels in (True, False):
+            monkeypatch.setattr(token_fusion, "_use_kernels", lambda x, on=kernels: on)
+            results.append(token_fusion.fuse(hidden, residual, 20, tokens // 2)[:3])
+        for a, b in zip(*results):
+            assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-6, atol=1e-6)
+    assert calls == [kt.FUSION_MAP_MAX_TOKENS]
