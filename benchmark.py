@@ -11,16 +11,24 @@ the ideal: the fraction of token-layers that remain (spec section 3).
         --modes eager graph --batch-sizes 128 --output bench.json
 
 Strategies are written ``name[:layer]:token`` (``none``, ``all:7``, ``interleaved:14``, ``lower:19:9``).
+
+Modes: ``graph`` (the captured step main.py trains with on CUDA), ``eager`` (``--no-cuda-graph``), ``ddp`` (the
+captured step with its gradient all-reduce, as main.py runs it in several processes) and ``ddp-eager`` (eager
+under DistributedDataParallel). The ddp modes join the process group that torchrun / torch.distributed.launch
+sets up (one GPU per process; images/s then count every GPU), or else make one of world size 1 (NCCL).
 """
 import argparse
 import gc
 import itertools
 import json
+import os
+import socket
 import statistics
 import time
 
 import timm
 import torch
+import torch.distributed as dist
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
@@ -30,6 +38,7 @@ from engine import build_train_step
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("default", "tf32-fused")  # tf32-fused: TF32 matmuls + fused AdamW, fp32 weights kept
+MODES = ("graph", "eager", "ddp", "ddp-eager")
 
 
 def parse_strategy(text):
@@ -66,8 +75,10 @@ def get_args_parser():
                    default=[parse_strategy(s) for s in ("none", "all:7", "interleaved:14", "lower:19:9",
                                                          "upper:4:9", "upper:4:8")])
     p.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["fp32"])
-    p.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=["eager"],
-                   help="graph: the whole step captured in one CUDA graph (main.py --cuda-graph)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="graph: the captured step (main.py's default on CUDA); eager: main.py --no-cuda-graph; "
+                        "ddp / ddp-eager: the same with the gradient all-reduce of several processes "
+                        "(default: graph on CUDA, eager on the CPU)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["default"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
     p.add_argument("--input-size", type=int, default=224)
@@ -96,7 +107,7 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
     Peak memory counts everything the configuration allocates (weights, optimizer state, batch, activations,
     and in graph mode the graph's private pool) from before the model is built.
     """
-    device = torch.device(args.device)
+    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:  # count only this configuration's memory, whatever earlier ones left allocated
         gc.collect()
@@ -112,15 +123,20 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
     model = timm.create_model(model_name, num_classes=args.num_classes, img_size=args.input_size,
                               drop_path_rate=0.0, fusion_order=args.fusion_order, ssm_backend=backend,
                               **fusion, **overrides).to(device).train()
-    graph = mode == "graph"
+    graph = mode in ("graph", "ddp")
+    amp_dtype = PRECISIONS[precision]
     opt_kwargs = {"capturable": True} if graph else {}
-    if variant == "tf32-fused":
+    if variant == "tf32-fused" or (graph and amp_dtype == torch.float16):  # as main.py
         opt_kwargs["fused"] = True
     optimizer = create_optimizer_v2(model, opt="adamw", lr=5e-4, weight_decay=0.1, **opt_kwargs)
-    amp_dtype = PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    ddp_model = mode == "ddp-eager"
+    if ddp_model:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     step = build_train_step(model, SoftTargetCrossEntropy(), optimizer, amp_dtype=amp_dtype, loss_scaler=scaler,
-                            clip_grad=None, cuda_graph=graph)
+                            clip_grad=None, cuda_graph=graph,
+                            process_group=dist.group.WORLD if mode == "ddp" else None)
+    world = dist.get_world_size() if mode.startswith("ddp") else 1
     samples = torch.randn(batch_size, 3, args.input_size, args.input_size, device=device)
     targets = torch.randn(batch_size, args.num_classes, device=device).softmax(-1)  # mixup-style soft targets
 
@@ -145,13 +161,15 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
     else:
         peak = None  # no allocator statistics on the CPU
     gpu_ms, kernels_ms = profile(step, samples, targets) if args.profile and cuda else (None, None)
+    if ddp_model:
+        model = model.module
     kernels = model.layers[0].mixer.kernels(samples)
     result = {
         "model": model_name, "ssm_backend": kernels,
         "strategy": strategy_label(fusion), **fusion, "precision": precision,
-        "batch_size": batch_size, "mode": mode, "variant": variant,
+        "batch_size": batch_size, "mode": mode, "variant": variant, "world_size": world,
         "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
-        "images_per_s": batch_size / statistics.median(times) * 1e3, "peak_mib": peak,
+        "images_per_s": world * batch_size / statistics.median(times) * 1e3, "peak_mib": peak,
         "ideal": model.fusion_summary()["token_layer_fraction"], "final_loss": float(loss), "gpu_kernel_ms": gpu_ms,
         "gpu_kernels": kernels_ms,
     }
@@ -179,7 +197,7 @@ def profile(step, samples, targets, steps=5):
 
 def add_ratios(results):
     """time/memory vs the no-fusion run with the same model, kernels, precision, batch size, mode and variant."""
-    group = ("model", "ssm_backend", "precision", "batch_size", "mode", "variant")
+    group = ("model", "ssm_backend", "precision", "batch_size", "mode", "variant", "world_size")
     base = {tuple(r[k] for k in group): r for r in results if r["fusion_strategy"] == "no"}
     for r in results:
         b = base.get(tuple(r[k] for k in group))
@@ -199,7 +217,8 @@ def markdown_table(results):
              "| time vs none | mem vs none | ideal |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {short_name(r['model'])} | {r['ssm_backend']} | {r['precision']} | {r['mode']} "
+        mode = r['mode'] + (f" x{r['world_size']}" if r['mode'].startswith('ddp') else '')
+        lines.append(f"| {short_name(r['model'])} | {r['ssm_backend']} | {r['precision']} | {mode} "
                      f"| {r['variant']} | {r['batch_size']} | {r['strategy']} | {r['step_ms']:.1f} "
                      f"| {r['images_per_s']:.0f} "
                      f"| {fmt(r['peak_mib'], '.0f')} | {fmt(r['time_vs_none'], '.3f')} "
@@ -207,11 +226,32 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
+def join_process_group(device):
+    """The launcher's process group (one GPU per process), or one of world size 1."""
+    if dist.is_initialized():
+        return
+    cuda = device.startswith("cuda")
+    if "WORLD_SIZE" in os.environ:
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+
+
 def main(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available: pass --device cpu")
-    if "graph" in args.modes and not args.device.startswith("cuda"):
-        raise SystemExit("--modes graph needs a CUDA device")
+    args.modes = args.modes or (["graph"] if args.device.startswith("cuda") else ["eager"])
+    if {"graph", "ddp"} & set(args.modes) and not args.device.startswith("cuda"):
+        raise SystemExit("--modes graph and ddp need a CUDA device (the CPU runs eager and ddp-eager)")
+    if any(m.startswith("ddp") for m in args.modes) or "WORLD_SIZE" in os.environ:
+        join_process_group(args.device)
+    main_process = not dist.is_initialized() or dist.get_rank() == 0
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
            else "cpu", "command": " ".join(__import__("sys").argv)}
     results = []
@@ -219,10 +259,14 @@ def main(args):
                              args.variants, args.strategies)
     for model_name, backend, precision, batch_size, mode, variant, fusion in grid:
         r = measure(args, model_name, backend, fusion, precision, batch_size, mode, variant)
+        if not main_process:
+            continue
         print(f"{short_name(model_name)} {r['ssm_backend']} {precision} {mode} {variant} b{batch_size} "
               f"{r['strategy']}: {r['step_ms']:.1f} ms"
               + (f", {r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else ""), flush=True)
         results.append(r)
+    if not main_process:
+        return results
     add_ratios(results)
     table = markdown_table(results)
     print(f"\n{env['device']}, torch {env['torch']}\n{table}")

@@ -1,9 +1,9 @@
 """Train one epoch / evaluate, DeiT-style.
 
-The per-step work (forward, loss, backward, clipping, optimizer step) lives in the step object
-built by ``build_train_step`` so that the same loop drives eager and CUDA-graph training. The loop
-never reads the loss on every step: losses are summed on the device and read (one sync) every
-``print_freq`` steps and at the end of the epoch, where finiteness is checked.
+The per-step work (forward, loss, backward, gradient averaging over processes, clipping, optimizer step)
+lives in the step object built by ``build_train_step``, so that the same loop drives the captured and the
+eager step. The loop never reads the loss on every step: losses are summed on the device and read (one
+sync) every ``print_freq`` steps and at the end of the epoch, where finiteness is checked.
 """
 import datetime
 import time
@@ -13,106 +13,186 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
-def _forward_backward_step(model, criterion, optimizer, samples, targets, amp_dtype, loss_scaler, clip_grad,
-                           autocast_cache=True):
-    """Forward under autocast, loss, backward, clipping, optimizer step. Returns the (unsynced) loss."""
+def _forward_backward(model, criterion, samples, targets, amp_dtype, loss_scaler, autocast_cache=True):
+    """Forward under autocast, loss, backward (of the scaled loss with fp16 loss scaling). Returns the unscaled
+    loss, not synced."""
     with torch.autocast(samples.device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
                         cache_enabled=autocast_cache):
         loss = criterion(model(samples), targets)
-    if loss_scaler is not None:  # fp16: scale the loss, unscale before clipping; the scaler skips inf steps
-        loss_scaler.scale(loss).backward()
-        loss_scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    if loss_scaler is not None:
-        loss_scaler.step(optimizer)
-        loss_scaler.update()
-    else:
-        optimizer.step()
+    (loss if loss_scaler is None else loss_scaler.scale(loss)).backward()
     return loss.detach()
 
 
-class CUDAGraphTrainStep:
-    """The whole training step (forward, loss, backward, clipping, AdamW) captured once in a CUDA graph and
-    replayed: one launch per step instead of thousands, which is what turns fused tokens into saved time.
+def _update(params, optimizer, loss_scaler, clip_grad):
+    """Clipping and the optimizer step. With fp16 loss scaling the gradients are unscaled first where clipping
+    needs them, the step is skipped when they hold inf/NaN, and the scale is updated."""
+    if loss_scaler is not None and clip_grad is not None:
+        loss_scaler.unscale_(optimizer)
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if loss_scaler is None:
+        optimizer.step()
+    else:
+        loss_scaler.step(optimizer)
+        loss_scaler.update()
+
+
+class EagerTrainStep:
+    """One training step op by op (under DistributedDataParallel when ``model`` is wrapped in it): for
+    debugging, the CPU, and whatever cannot be captured."""
+
+    def __init__(self, model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.amp_dtype, self.loss_scaler, self.clip_grad = amp_dtype, loss_scaler, clip_grad
+        self.setup_s, self.setup_steps = 0.0, 0  # the first CUDA step: Triton compiles, cuDNN benchmarks
+
+    def __call__(self, samples, targets):
+        first = self.setup_steps == 0 and samples.is_cuda
+        start = time.perf_counter()
+        loss = _forward_backward(self.model, self.criterion, samples, targets, self.amp_dtype, self.loss_scaler)
+        _update(self.model.parameters(), self.optimizer, self.loss_scaler, self.clip_grad)
+        self.optimizer.zero_grad(set_to_none=True)
+        if first:
+            torch.cuda.synchronize()
+            self.setup_s, self.setup_steps = time.perf_counter() - start, 1
+        return loss
+
+
+class CapturedTrainStep:
+    """The training step as two CUDA graphs, replayed: forward + loss + backward, then gradient averaging,
+    clipping, the optimizer step and (fp16) the loss scaler's skip-and-update. One replay launches what takes
+    thousands of launches eagerly, which is what turns fused tokens into saved time.
+
+    Gradients live in one flat buffer (each ``p.grad`` a view of it) that the first graph zeroes and backward
+    writes. With a process group, one all-reduce of that buffer runs between the two replays: the
+    DistributedDataParallel gradient average as a single NCCL call, so several processes train captured too
+    (``model`` must then not be wrapped in DDP; its parameters are broadcast from rank 0 as DDP would).
 
     Token fusion keeps every shape static (the per-layer token counts are fixed), so one capture serves the
-    whole run. The first ``warmup`` calls run eagerly on the stream the capture will use (allocator and
-    cuBLAS set-up happen outside the capture). Inputs are copied into static buffers; the optimizer must be capturable, and
-    the learning rates that the scheduler writes into ``optimizer.param_groups`` as floats are copied into the
-    device tensors the graph reads before each replay. Needs a fixed batch shape (drop_last) and no loss scaler.
+    whole run. The first ``warmup`` calls run eagerly on the stream the capture uses (allocator, cuBLAS and
+    Triton set-up happen outside the capture); their time is ``setup_s``. Inputs are copied into static
+    buffers (the loader must drop the last, smaller batch). The optimizer must take device learning rates
+    (AdamW with capturable=True, or fused=True, which fp16 loss scaling needs: the fused step reads the
+    scaler's inf flag on the device); the floats that the scheduler writes into ``optimizer.param_groups``
+    are copied into those device tensors before each replay. ``capture=False`` runs the same parts eagerly
+    (tests of the all-reduce path on the CPU).
     """
 
-    def __init__(self, model, criterion, optimizer, amp_dtype, clip_grad, warmup=3):
-        if not all(g.get("capturable", False) or g.get("fused", False) for g in optimizer.param_groups):
-            raise ValueError("a CUDA-graph training step needs an optimizer created with capturable=True")
+    def __init__(self, model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad, process_group=None,
+                 warmup=3, capture=True):
+        if isinstance(model, DistributedDataParallel):
+            raise ValueError("the captured step averages gradients itself: pass the model without DDP")
+        if capture and not all(g.get("capturable") or g.get("fused") for g in optimizer.param_groups):
+            raise ValueError("a captured training step needs an optimizer created with capturable=True or fused=True")
+        if capture and loss_scaler is not None and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise ValueError("a captured step with fp16 loss scaling needs an optimizer that reads the scaler's "
+                             "inf flag on the device (fused=True)")
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
-        self.amp_dtype, self.clip_grad, self.warmup = amp_dtype, clip_grad, warmup
-        self.calls, self.graph, self.static = 0, None, None
-        self.stream = torch.cuda.Stream()  # warm-up and capture share it, and so its cuBLAS workspace
+        self.amp_dtype, self.loss_scaler, self.clip_grad = amp_dtype, loss_scaler, clip_grad
+        self.group, self.warmup, self.capture = process_group, warmup, capture
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if len({(p.dtype, p.device) for p in self.params}) != 1:
+            raise ValueError("the captured step keeps all gradients in one buffer: parameters of one dtype and device")
+        self.flat_grad = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype,
+                                     device=self.params[0].device)
+        offset = 0
+        for p in self.params:
+            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        if self.group is not None:
+            with torch.no_grad():
+                for p in self.params:
+                    dist.broadcast(p, 0, group=self.group)
+        self.calls, self.static, self.graphs = 0, None, None
+        self.setup_s, self.setup_steps = 0.0, 0
+        self.stream = torch.cuda.Stream() if capture else None  # warm-up and capture share it
 
-    def _step(self):
+    def _forward_backward(self):
+        self.flat_grad.zero_()  # backward then accumulates into zeros: the gradient views stay in place
         samples, targets = self.static
-        return _forward_backward_step(self.model, self.criterion, self.optimizer, samples, targets,
-                                      self.amp_dtype, None, self.clip_grad, autocast_cache=False)
+        return _forward_backward(self.model, self.criterion, samples, targets, self.amp_dtype, self.loss_scaler,
+                                 autocast_cache=not self.capture)
+
+    def _all_reduce(self):
+        if self.group is not None:
+            dist.all_reduce(self.flat_grad, group=self.group)
+
+    def _update(self):
+        if self.group is not None:
+            self.flat_grad.div_(dist.get_world_size(self.group))
+        _update(self.params, self.optimizer, self.loss_scaler, self.clip_grad)
+
+    def _eager(self):
+        loss = self._forward_backward()
+        self._all_reduce()
+        self._update()
+        return loss
 
     def __call__(self, samples, targets):
         if self.static is None:
             self.static = (torch.empty_like(samples), torch.empty_like(targets))
         if samples.shape != self.static[0].shape or targets.shape != self.static[1].shape:
-            raise ValueError(f"the CUDA-graph step was captured for inputs {tuple(self.static[0].shape)} / "
+            raise ValueError(f"the captured step was built for inputs {tuple(self.static[0].shape)} / "
                              f"{tuple(self.static[1].shape)}, got {tuple(samples.shape)} / {tuple(targets.shape)}; "
                              "use a loader with drop_last=True")
         self.static[0].copy_(samples, non_blocking=True)
         self.static[1].copy_(targets, non_blocking=True)
-        if self.graph is None and self.calls < self.warmup:
-            self.calls += 1
+        if not self.capture:
+            return self._eager()
+        if self.graphs is None:
+            start = time.perf_counter()
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                loss = self._step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.calls < self.warmup:
+                    self.calls += 1
+                    loss = self._eager()
+                else:
+                    self._capture()
             torch.cuda.current_stream().wait_stream(self.stream)
-            return loss
-        if self.graph is None:
-            self._capture()
+            torch.cuda.synchronize()
+            self.setup_s += time.perf_counter() - start
+            self.setup_steps += 1
+            if self.graphs is None:
+                return loss
         for group, lr in zip(self.optimizer.param_groups, self.lr_tensors):
             lr.fill_(group["lr"])
-        self.graph.replay()
+        forward_backward, update = self.graphs
+        forward_backward.replay()
+        self._all_reduce()
+        update.replay()
         return self.loss
 
     def _capture(self):
         groups = self.optimizer.param_groups
-        self.lr_tensors = [torch.tensor(float(g["lr"]), device=self.static[0].device) for g in groups]
+        self.lr_tensors = [torch.tensor(float(g["lr"]), device=self.flat_grad.device) for g in groups]
         floats = [g["lr"] for g in groups]
         for group, lr in zip(groups, self.lr_tensors):
             group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)  # backward inside the capture then writes, not accumulates
-        self.graph = torch.cuda.CUDAGraph()
+        forward_backward, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         # thread_local: the data loader's pin-memory thread keeps allocating pinned host memory, which a
         # global-mode capture counts as an unsafe call from any thread and aborts on
-        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
-            self.loss = self._step()
-        self.capture_peak_bytes = torch.cuda.max_memory_allocated()  # the graph's pool, as main.py logs it
+        with torch.cuda.graph(forward_backward, stream=self.stream, capture_error_mode="thread_local"):
+            self.loss = self._forward_backward()
+        with torch.cuda.graph(update, pool=forward_backward.pool(), stream=self.stream,
+                              capture_error_mode="thread_local"):
+            self._update()
+        self.graphs = forward_backward, update
+        self.capture_peak_bytes = torch.cuda.max_memory_allocated()  # the graphs' pool, as main.py logs it
         for group, lr in zip(groups, floats):
             group["lr"] = lr
+        # The capture recorded the step without running it: this call's batch trains by replay.
+        forward_backward.replay()
+        self._all_reduce()
+        update.replay()
 
 
-def build_train_step(model, criterion, optimizer, *, amp_dtype, loss_scaler, clip_grad, cuda_graph):
-    """step(samples, targets) -> loss: one optimisation step, eager or as a replayed CUDA graph."""
+def build_train_step(model, criterion, optimizer, *, amp_dtype, loss_scaler, clip_grad, cuda_graph,
+                     process_group=None):
+    """step(samples, targets) -> loss: one optimisation step, captured (``cuda_graph``; gradients averaged over
+    ``process_group`` if given) or eager (``model`` wrapped in DDP for several processes)."""
     if cuda_graph:
-        if loss_scaler is not None:
-            raise ValueError("--cuda-graph cannot capture fp16 loss scaling: use --no_amp or --amp-dtype bfloat16")
-        return CUDAGraphTrainStep(model, criterion, optimizer, amp_dtype, clip_grad)
-
-    def step(samples, targets):
-        loss = _forward_backward_step(model, criterion, optimizer, samples, targets, amp_dtype, loss_scaler,
-                                      clip_grad)
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+        return CapturedTrainStep(model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad, process_group)
+    return EagerTrainStep(model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,6 +254,7 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
               + (f'  non-finite steps: {n_nonfinite}' if n_nonfinite else ''), flush=True)
         window_images, window_steps, window_start = 0, 0, now
 
+    setup_s, setup_steps = getattr(step, 'setup_s', 0.0), getattr(step, 'setup_steps', 0)
     i = -1
     for i, (samples, targets) in enumerate(data_loader):
         samples = samples.to(device, non_blocking=True)
@@ -193,7 +274,10 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
         window_steps += 1
         if (i + 1) % print_freq == 0 or i + 1 == num_steps:
             flush(i)
-    elapsed = time.time() - start
+    # The first steps' Triton compiles and graph capture are reported apart, so that epoch times compare.
+    setup_s = getattr(step, 'setup_s', 0.0) - setup_s
+    setup_images = (getattr(step, 'setup_steps', 0) - setup_steps) * (images // max(i + 1, 1))
+    elapsed = time.time() - start - setup_s
     return {
         'loss': loss_sum / n_finite if n_finite else float('nan'),
         'lr': optimizer.param_groups[0]['lr'],
@@ -201,7 +285,8 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
         'nonfinite_steps': n_nonfinite,
         'images': images,
         'time_s': elapsed,
-        'images_per_s': images / elapsed if elapsed > 0 else 0.0,
+        'setup_time_s': setup_s,
+        'images_per_s': (images - setup_images) / elapsed if elapsed > 0 else 0.0,
     }
 
 

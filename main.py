@@ -12,6 +12,7 @@ import time
 
 import timm
 import torch
+import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -28,6 +29,7 @@ import utils
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
 FUSION_STRATEGIES = ('no', 'none', 'all', 'interleaved', 'alternate', 'lower', 'upper')
+CAPTURABLE_OPTS = ('adamw', 'adam')  # torch's AdamW/Adam take device learning rates (capturable or fused)
 
 
 class UsageError(Exception):
@@ -160,8 +162,9 @@ def get_args_parser():
                         help='autocast dtype; float16 uses loss scaling')
     parser.add_argument('--if_continue_inf', action='store_true', default=False,
                         help='keep training when the loss is NaN/inf instead of stopping')
-    parser.add_argument('--cuda-graph', action='store_true',
-                        help='capture the whole training step in one CUDA graph (CUDA; fp32 or bf16)')
+    parser.add_argument('--cuda-graph', action=argparse.BooleanOptionalAction, default=None,
+                        help='train with the step captured in CUDA graphs (default on CUDA with AdamW/Adam; '
+                             '--no-cuda-graph: the eager step, op by op)')
     parser.add_argument('--tf32', action='store_true', help='allow TF32 matmuls/convolutions on CUDA')
     return parser
 
@@ -172,14 +175,11 @@ def check_args(args):
         raise UsageError('--batch-size and --print-freq must be >= 1 and --epochs >= 0')
     use_cuda = args.device.startswith('cuda')
     if args.cuda_graph:
-        if args.if_amp and args.amp_dtype == 'float16':
-            raise UsageError('--cuda-graph works in fp32 (--no_amp) or bf16 (--amp-dtype bfloat16), not '
-                             'with float16 loss scaling')
+        if args.opt.lower() not in CAPTURABLE_OPTS:
+            raise UsageError(f'--cuda-graph needs an optimizer that takes its learning rate on the device '
+                             f'({", ".join(CAPTURABLE_OPTS)}), got --opt {args.opt}; use --no-cuda-graph')
         if not use_cuda:
             raise UsageError('--cuda-graph needs --device cuda')
-        if int(os.environ.get('WORLD_SIZE', '1')) > 1:
-            raise UsageError('--cuda-graph trains in one process: the gradient all-reduce of several processes '
-                             'is not captured; drop --cuda-graph or use --nproc_per_node=1')
     if use_cuda and not torch.cuda.is_available():
         raise UsageError(f'--device {args.device} was asked for but CUDA is not available; use --device cpu')
     if args.fused_adamw and args.opt.lower() != 'adamw':
@@ -189,6 +189,18 @@ def check_args(args):
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup and args.mixup_mode in ('batch', 'pair') and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix in {args.mixup_mode} mode needs an even --batch-size, got {args.batch_size}')
+
+
+def resolve_cuda_graph(args):
+    """--cuda-graph unset: the captured step wherever it can run, with a notice where it cannot."""
+    if args.cuda_graph is None:
+        args.cuda_graph = args.device.startswith('cuda') and args.opt.lower() in CAPTURABLE_OPTS
+        if args.device.startswith('cuda') and not args.cuda_graph:
+            print(f'Note: training with the eager step: --opt {args.opt} cannot be captured in a CUDA graph '
+                  f'(its learning rate is not a device tensor); {", ".join(CAPTURABLE_OPTS)} can')
+    if args.cuda_graph and args.if_amp and args.amp_dtype == 'float16':
+        print('Note: float16 loss scaling is captured with the fused AdamW kernel, which skips a step with '
+              'inf/NaN gradients on the GPU')
 
 
 def amp_settings(args, device):
@@ -258,6 +270,7 @@ def evaluate_all(args, loader_val, model_without_ddp, model_ema, device, amp_dty
 def main(args):
     check_args(args)
     utils.init_distributed_mode(args)
+    resolve_cuda_graph(args)
     print(args)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as DeiT: the patch-embedding conv gets cuDNN's fastest algorithm
@@ -289,7 +302,8 @@ def main(args):
         print(f'Loaded {args.finetune} for fine-tuning')
     model.to(device)
     model_without_ddp = model
-    if args.distributed and utils.get_world_size() > 1:
+    several = args.distributed and utils.get_world_size() > 1
+    if several and not args.cuda_graph:  # the captured step averages gradients itself, in one all-reduce
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
@@ -309,7 +323,7 @@ def main(args):
     opt_kwargs = optimizer_kwargs(cfg=args)
     if args.cuda_graph:
         opt_kwargs['capturable'] = True
-    if args.fused_adamw:
+    if args.fused_adamw or (args.cuda_graph and args.if_amp and args.amp_dtype == 'float16' and device.type == 'cuda'):
         opt_kwargs['fused'] = True
     optimizer = create_optimizer_v2(model_without_ddp, **opt_kwargs)
     lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=len(loader_train))
@@ -356,7 +370,8 @@ def main(args):
         return stats
 
     step = engine.build_train_step(model, criterion, optimizer, amp_dtype=amp_dtype, loss_scaler=loss_scaler,
-                                   clip_grad=args.clip_grad, cuda_graph=args.cuda_graph)
+                                   clip_grad=args.clip_grad, cuda_graph=args.cuda_graph,
+                                   process_group=dist.group.WORLD if several and args.cuda_graph else None)
     if args.output_dir and utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
 
@@ -377,6 +392,8 @@ def main(args):
                                              lr_scheduler=lr_scheduler if args.sched_on_updates else None)
         log = {'epoch': epoch, 'train_loss': train_stats['loss'], 'train_lr': train_stats['lr'],
                'epoch_time_s': train_stats['time_s'], 'train_images_per_s': train_stats['images_per_s']}
+        if train_stats['setup_time_s']:
+            log['setup_time_s'] = train_stats['setup_time_s']  # first steps: Triton compiles, graph capture
         if train_stats['nonfinite_steps']:
             log['train_nonfinite_steps'] = train_stats['nonfinite_steps']
         if device.type == 'cuda':

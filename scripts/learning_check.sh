@@ -5,7 +5,7 @@
 #   DATA_PATH    CIFAR-10 image folder (train/, val/)        [./datasets/cifar10_folder]
 #   MAKE_FOLDER  script that writes it if missing (the shared make_cifar10_imagefolder.py)
 #   OUTPUT_ROOT  parent of the two run folders               [./output/learning_check]
-# Arguments are appended to both runs (the check used: --cuda-graph --amp-dtype bfloat16 --sched-on-updates).
+# Arguments are appended to both runs (e.g. --amp-dtype bfloat16 --sched-on-updates --unscale-lr).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_PATH="${DATA_PATH:-./datasets/cifar10_folder}"

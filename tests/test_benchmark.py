@@ -28,6 +28,25 @@ def test_benchmark_table_and_ratios(tmp_path):
     assert all(len(row.strip("|").split("|")) == 13 for row in rows)
     assert rows[1].split("|")[11].strip() == format(results[1]["time_vs_none"], ".3f")
     assert {r["ssm_backend"] for r in results} == {"torch"}  # 'auto' on the CPU
+    assert {r["mode"] for r in results} == {"eager"}  # the CPU's default
+
+
+def test_benchmark_ddp_eager_mode_joins_a_process_group_of_one():
+    import torch.distributed as dist
+    args = benchmark.get_args_parser().parse_args([
+        "--device", "cpu", "--depth", "2", "--embed-dim", "16", "--patch-size", "8", "--input-size", "32",
+        "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--modes", "eager", "ddp-eager",
+        "--strategies", "none", "all:3"])
+    try:
+        results = benchmark.main(args)
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert [(r["mode"], r["world_size"]) for r in results] == [("eager", 1)] * 2 + [("ddp-eager", 1)] * 2
+    for r in results:  # each mode's ratio against its own no-fusion run
+        base = next(b for b in results if b["mode"] == r["mode"] and b["strategy"] == "none")
+        assert r["time_vs_none"] == pytest.approx(r["step_ms"] / base["step_ms"])
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -2,8 +2,9 @@
 without kernels (causal-conv1d with Triton or mamba-ssm).
 
 Each kernel path and the pure-PyTorch path of the whole Vim-Ti model agree (fp32 logits and every parameter
-gradient), for every strategy; the CUDA-graph training step trains like the eager step, follows the
-learning rate the scheduler writes, and is captured while a loader thread pins memory."""
+gradient), for every strategy; the captured training step (fp32, bf16, fp16 with loss scaling; one process
+and over NCCL) trains like the eager step, follows the learning rate the scheduler writes, skips a step whose
+fp16 gradients overflow, and is captured while a loader thread pins memory."""
 import threading
 
 import pytest
@@ -82,36 +83,69 @@ def test_kernel_path_bf16_autocast_close_to_fp32_reference(backend):
     assert all(torch.isfinite(g).all() for g in grads_fast.values())
 
 
-def _train(cuda_graph, steps, lr_at):
+def _train(cuda_graph, steps, lr_at, amp_dtype=None, process_group=None, ddp=False, overflow_at=None):
+    """Parameters after each step of a small fused Vim; fp16 gets a loss scaler, whose scale is set so high
+    before step ``overflow_at`` that the gradients overflow (that step must be skipped)."""
     torch.manual_seed(0)
     model = timm.create_model(VIM_TI, num_classes=10, drop_path_rate=0.0, depth=6,
                               fusion_strategy="upper", fusion_layer=1, fusion_token=9).cuda()
-    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, capturable=cuda_graph)
-    step = build_train_step(model, torch.nn.CrossEntropyLoss(), opt, amp_dtype=None, loss_scaler=None,
-                            clip_grad=1.0, cuda_graph=cuda_graph)
+    fp16 = amp_dtype == torch.float16
+    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, capturable=cuda_graph,
+                              fused=cuda_graph and fp16)  # as main.py
+    scaler = torch.amp.GradScaler("cuda", backoff_factor=2.0 ** -10) if fp16 else None
+    step = build_train_step(torch.nn.parallel.DistributedDataParallel(model) if ddp else model,
+                            torch.nn.CrossEntropyLoss(), opt, amp_dtype=amp_dtype, loss_scaler=scaler,
+                            clip_grad=1.0, cuda_graph=cuda_graph, process_group=process_group)
     g = torch.Generator(device="cuda").manual_seed(1)
-    losses, snapshots = [], []
+    losses, snapshots, scales = [], [], []
     for i in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(i)
+        if i == overflow_at:
+            scaler._scale.fill_(2.0 ** 40)  # in place: the captured graphs read this tensor
         x = torch.randn(8, 3, 224, 224, device="cuda", generator=g)
         y = torch.randint(0, 10, (8,), device="cuda", generator=g)
         losses.append(step(x, y).item())
         snapshots.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
-    return losses, snapshots
+        scales.append(scaler.get_scale() if fp16 else None)
+    return losses, snapshots, scales
 
 
-def test_cuda_graph_step_trains_like_eager_and_follows_lr():
-    def lr_at(i):
-        return 0.0 if i >= 6 else 1e-3 * (i + 1)
-    eager_losses, eager_params = _train(False, 8, lr_at)
-    graph_losses, graph_params = _train(True, 8, lr_at)
+def _lr(i):
+    return 0.0 if i in (6, 7) else 1e-3 * (i + 1)
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_captured_step_trains_like_eager_and_follows_lr(amp_dtype):
+    overflow = 8 if amp_dtype == torch.float16 else None  # after warm-up and capture: a replay must skip it
+    eager_losses, eager_params, eager_scales = _train(False, 10, _lr, amp_dtype, overflow_at=overflow)
+    graph_losses, graph_params, graph_scales = _train(True, 10, _lr, amp_dtype, overflow_at=overflow)
     assert len(set(graph_losses)) > 4  # replays compute fresh losses
     for a, b in zip(eager_losses, graph_losses):
-        assert abs(a - b) < 1e-3 * max(1.0, abs(a))
-    assert rel(graph_params[5], eager_params[5]) < 1e-3  # capturable and plain AdamW round differently
+        assert abs(a - b) < (1e-3 if amp_dtype is None else 2e-2) * max(1.0, abs(a))
+    assert rel(graph_params[5], eager_params[5]) < 1e-3  # capturable/fused and plain AdamW round differently
+    assert rel(graph_params[9], eager_params[9]) < 1e-3
     assert torch.equal(graph_params[7], graph_params[5])  # lr 0 written by the "scheduler": no update
     assert not torch.equal(graph_params[5], graph_params[4])
+    if amp_dtype == torch.float16:
+        assert graph_scales == eager_scales and graph_scales[8] == 2.0 ** 30  # backed off once, from 2^40
+        assert torch.equal(graph_params[8], graph_params[7])  # the overflowing step is skipped
+        assert not torch.equal(graph_params[9], graph_params[8])
+
+
+def test_captured_step_over_nccl_equals_eager_ddp():
+    """World size 1 over NCCL: the captured step's all-reduce of its flat gradient buffer between the two
+    replays against torch's DDP."""
+    import torch.distributed as dist
+    from pipeline_helpers import free_port
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        _, ddp_params, _ = _train(False, 8, _lr, ddp=True)
+        _, graph_params, _ = _train(True, 8, _lr, process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    assert rel(graph_params[5], ddp_params[5]) < 1e-3 and rel(graph_params[7], ddp_params[7]) < 1e-3
+    assert torch.equal(graph_params[7], graph_params[5])
 
 
 def test_cuda_graph_capture_survives_a_pin_memory_thread():
@@ -128,7 +162,7 @@ def test_cuda_graph_capture_survives_a_pin_memory_thread():
     thread = threading.Thread(target=pin_memory_thread, daemon=True)
     thread.start()
     try:
-        losses, _ = _train(True, 6, lambda i: 1e-3)
+        losses, _, _ = _train(True, 6, lambda i: 1e-3)
     finally:
         done.set()
         thread.join()

@@ -133,8 +133,8 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         main.main(parser.parse_args(base + ['--fusion-strategy', 'upper', '--fusion-layer', '7']))
     with pytest.raises(main.UsageError, match='--cuda-graph needs --device cuda'):
         main.main(parser.parse_args(base + ['--cuda-graph', '--no_amp']))
-    with pytest.raises(main.UsageError, match='bf16'):  # float16 AMP (the default) cannot be graphed
-        main.main(parser.parse_args(base + ['--cuda-graph', '--device', 'cuda']))
+    with pytest.raises(main.UsageError, match='--cuda-graph needs an optimizer .*got --opt sgd'):
+        main.main(parser.parse_args(base + ['--cuda-graph', '--opt', 'sgd']))
     with pytest.raises(main.UsageError, match='--eval needs --resume'):
         main.main(parser.parse_args(base + ['--eval']))
     assert not os.listdir(tmp_path)
