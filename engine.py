@@ -139,21 +139,25 @@ class CapturedTrainStep:
         self.static[1].copy_(targets, non_blocking=True)
         if not self.capture:
             return self._eager()
-        if self.graphs is None:
-            start = time.perf_counter()
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                if self.calls < self.warmup:
-                    self.calls += 1
-                    loss = self._eager()
-                else:
-                    self._capture()
-            torch.cuda.current_stream().wait_stream(self.stream)
-            torch.cuda.synchronize()
-            self.setup_s += time.perf_counter() - start
-            self.setup_steps += 1
-            if self.graphs is None:
-                return loss
+        if self.graphs is not None:
+            return self._replay()
+        start = time.perf_counter()  # warm-up and capture: timed apart from the steady steps
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            if self.calls < self.warmup:
+                self.calls += 1
+                loss = self._eager()
+            else:
+                self._capture()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        if self.graphs is not None:  # the capture recorded the step without running it: train this batch
+            loss = self._replay()
+        torch.cuda.synchronize()
+        self.setup_s += time.perf_counter() - start
+        self.setup_steps += 1
+        return loss
+
+    def _replay(self):
         for group, lr in zip(self.optimizer.param_groups, self.lr_tensors):
             lr.fill_(group["lr"])
         forward_backward, update = self.graphs
@@ -180,10 +184,6 @@ class CapturedTrainStep:
         self.capture_peak_bytes = torch.cuda.max_memory_allocated()  # the graphs' pool, as main.py logs it
         for group, lr in zip(groups, floats):
             group["lr"] = lr
-        # The capture recorded the step without running it: this call's batch trains by replay.
-        forward_backward.replay()
-        self._all_reduce()
-        update.replay()
 
 
 def build_train_step(model, criterion, optimizer, *, amp_dtype, loss_scaler, clip_grad, cuda_graph,
