@@ -71,10 +71,12 @@ class CapturedTrainStep:
     Token fusion keeps every shape static (the per-layer token counts are fixed), so one capture serves the
     whole run. The first ``warmup`` calls run eagerly on the stream the capture uses (allocator, cuBLAS and
     Triton set-up happen outside the capture); their time is ``setup_s``. Inputs are copied into static
-    buffers (the loader must drop the last, smaller batch). The optimizer must take device learning rates
-    (AdamW with capturable=True, or fused=True, which fp16 loss scaling needs: the fused step reads the
-    scaler's inf flag on the device); the floats that the scheduler writes into ``optimizer.param_groups``
-    are copied into those device tensors before each replay. ``capture=False`` runs the same parts eagerly
+    buffers (the loader must drop the last, smaller batch). The optimizer must be a fused one that takes device
+    learning rates (AdamW/Adam with fused=True, capturable=True): the fused step reads fp16 loss scaling's inf
+    flag on the device, and unlike the capturable foreach step it does not divide by the learning rate (which
+    turns lr = 0 into NaN wherever a gradient has always been zero, as the last layer's forward-direction A_log
+    with a head class token). The floats that the scheduler writes into ``optimizer.param_groups`` are copied
+    into those device tensors before each replay. ``capture=False`` runs the same parts eagerly
     (tests of the all-reduce path on the CPU).
     """
 
@@ -82,11 +84,8 @@ class CapturedTrainStep:
                  warmup=3, capture=True):
         if isinstance(model, DistributedDataParallel):
             raise ValueError("the captured step averages gradients itself: pass the model without DDP")
-        if capture and not all(g.get("capturable") or g.get("fused") for g in optimizer.param_groups):
-            raise ValueError("a captured training step needs an optimizer created with capturable=True or fused=True")
-        if capture and loss_scaler is not None and not getattr(optimizer, "_step_supports_amp_scaling", False):
-            raise ValueError("a captured step with fp16 loss scaling needs an optimizer that reads the scaler's "
-                             "inf flag on the device (fused=True)")
+        if capture and not all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups):
+            raise ValueError("a captured training step needs an optimizer created with capturable=True and fused=True")
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.amp_dtype, self.loss_scaler, self.clip_grad = amp_dtype, loss_scaler, clip_grad
         self.group, self.warmup, self.capture = process_group, warmup, capture

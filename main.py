@@ -83,7 +83,8 @@ def get_args_parser():
     parser.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='gradient norm clipping')
     parser.add_argument('--momentum', type=float, default=0.9, metavar='M')
     parser.add_argument('--weight-decay', type=float, default=0.05)
-    parser.add_argument('--fused-adamw', action='store_true', help="torch's fused AdamW kernel (opt-in)")
+    parser.add_argument('--fused-adamw', action='store_true',
+                        help="torch's fused AdamW kernel in the eager step (the captured step always uses it)")
 
     # Learning rate schedule (stepped once per epoch, at the epoch's start, unless --sched-on-updates)
     parser.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
@@ -198,9 +199,6 @@ def resolve_cuda_graph(args):
         if args.device.startswith('cuda') and not args.cuda_graph:
             print(f'Note: training with the eager step: --opt {args.opt} cannot be captured in a CUDA graph '
                   f'(its learning rate is not a device tensor); {", ".join(CAPTURABLE_OPTS)} can')
-    if args.cuda_graph and args.if_amp and args.amp_dtype == 'float16':
-        print('Note: float16 loss scaling is captured with the fused AdamW kernel, which skips a step with '
-              'inf/NaN gradients on the GPU')
 
 
 def amp_settings(args, device):
@@ -321,9 +319,9 @@ def main(args):
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
     opt_kwargs = optimizer_kwargs(cfg=args)
-    if args.cuda_graph:
+    if args.cuda_graph:  # engine.CapturedTrainStep says why fused
         opt_kwargs['capturable'] = True
-    if args.fused_adamw or (args.cuda_graph and args.if_amp and args.amp_dtype == 'float16' and device.type == 'cuda'):
+    if args.fused_adamw or args.cuda_graph:
         opt_kwargs['fused'] = True
     optimizer = create_optimizer_v2(model_without_ddp, **opt_kwargs)
     lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=len(loader_train))
