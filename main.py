@@ -243,12 +243,18 @@ def build_loaders(args, dataset_train, dataset_val, device):
         sampler_val = samplers.DistributedEvalSampler(dataset_val, num_replicas=world, rank=rank)
     else:
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    # Workers persist across epochs (re-spawning many of them costs seconds per epoch); the epoch tags let
+    # them reseed per epoch, so a resumed run augments as an uninterrupted one. drop_last: a fixed batch shape
+    # (captured step, batch mixup).
+    sampler_train = samplers.EpochSampler(sampler_train)
+    persist = args.num_workers > 0
     loader_train = torch.utils.data.DataLoader(
-        dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=pin, drop_last=True)  # fixed batch shape (CUDA graph, batch mixup)
+        samplers.EpochSeededDataset(dataset_train, args.seed, rank), sampler=sampler_train,
+        batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin, drop_last=True,
+        persistent_workers=persist)
     loader_val = torch.utils.data.DataLoader(
         dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), num_workers=args.num_workers,
-        pin_memory=pin, drop_last=False)
+        pin_memory=pin, drop_last=False, persistent_workers=persist)
     if len(loader_train) == 0:
         raise UsageError(f'the training set ({len(dataset_train)} images over {world} process(es)) is smaller '
                          f'than one batch of {args.batch_size}')

@@ -1,8 +1,11 @@
-"""Distributed samplers: repeated augmentation for training, unpadded sharding for evaluation."""
+"""Samplers: repeated augmentation for training, unpadded sharding for evaluation, and the epoch tagging that
+lets training-loader workers persist across epochs with per-epoch seeds."""
 import math
 
 import torch
 from torch.utils.data import Sampler
+
+import utils
 
 
 class RASampler(Sampler):
@@ -71,3 +74,48 @@ class DistributedEvalSampler(Sampler):
 
     def __len__(self):
         return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler so that every index carries the epoch it is drawn in: yields (epoch, index).
+
+    With ``EpochSeededDataset`` this lets loader workers persist across epochs (no re-spawn at every epoch,
+    which costs seconds with many workers) and still reseed at each epoch's first sample, from (seed, epoch,
+    rank, worker id): the augmentations of epoch e are then the same whether the workers were started at
+    epoch 0 or, in a resumed run, at epoch e. ``set_epoch`` is passed on to the wrapped sampler.
+    """
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """dataset[(epoch, index)] = dataset[index]; in a loader worker the random modules are first reseeded
+    from (seed, epoch, rank, worker id) when the epoch changes. In the main process (no workers) nothing is
+    reseeded here: main.py seeds it at every epoch start."""
+
+    def __init__(self, dataset, seed, rank):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self.seeded_epoch = None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and epoch != self.seeded_epoch:
+            utils.seed_everything(self.seed, epoch, self.rank, worker.id)
+            self.seeded_epoch = epoch
+        return self.dataset[index]

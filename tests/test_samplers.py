@@ -1,9 +1,10 @@
-"""RASampler and DistributedEvalSampler against hand-checked properties."""
+"""RASampler, DistributedEvalSampler and the epoch-seeded loader workers against hand-checked properties."""
 from collections import Counter
 
 import pytest
+import torch
 
-from samplers import DistributedEvalSampler, RASampler
+from samplers import DistributedEvalSampler, EpochSampler, EpochSeededDataset, RASampler
 
 
 def shards(n, world, **kw):
@@ -53,3 +54,38 @@ def test_eval_sampler_partitions_exactly_without_padding():
     assert parts[0] == list(range(0, 25, 2)) and parts[1] == list(range(1, 25, 2))
     assert [len(DistributedEvalSampler(range(25), 2, r)) for r in range(2)] == [13, 12]
     assert sorted(parts[0] + parts[1]) == list(range(25))
+
+
+class RandomDraws(torch.utils.data.Dataset):
+    """Item i = (i, a draw from each random module): the state a worker's augmentations would see."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+        return torch.tensor([float(i), random.random(), float(np.random.rand()), torch.rand(()).item()])
+
+
+def _epoch_batches(loader, sampler, epochs):
+    out = {}
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        out[epoch] = torch.cat(list(loader))
+    return out
+
+
+def test_persistent_workers_reseed_per_epoch_as_a_resumed_run_would():
+    def loader():
+        sampler = EpochSampler(torch.utils.data.SequentialSampler(range(12)))
+        return torch.utils.data.DataLoader(EpochSeededDataset(RandomDraws(), seed=0, rank=0), sampler=sampler,
+                                           batch_size=3, num_workers=2, persistent_workers=True), sampler
+    uninterrupted = _epoch_batches(*loader(), [0, 1, 2])
+    resumed = _epoch_batches(*loader(), [2])  # workers started at epoch 2
+    assert torch.equal(resumed[2], uninterrupted[2])
+    assert torch.equal(uninterrupted[2][:, 0], torch.arange(12.0))  # the epoch tag is stripped: items in order
+    assert not torch.equal(uninterrupted[1][:, 1:], uninterrupted[2][:, 1:])  # a new epoch draws anew, in all
+    for column in (1, 2, 3):                                                    # three random modules
+        assert not torch.equal(uninterrupted[1][:, column], uninterrupted[2][:, column])
