@@ -37,7 +37,7 @@ import ssm_ops
 from engine import build_train_step
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS = ("default", "tf32-fused")  # tf32-fused: TF32 matmuls + fused AdamW (eager too), fp32 weights kept
+VARIANTS = ("default", "tf32")  # tf32: TF32 matmuls and convolutions (opt-in in main.py), fp32 weights kept
 MODES = ("graph", "eager", "ddp", "ddp-eager")
 
 
@@ -116,7 +116,7 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()
     torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = variant == "tf32-fused"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = variant == "tf32"
     torch.backends.cudnn.benchmark = True  # as main.py
     overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
                                    ("patch_size", args.patch_size)) if v is not None}
@@ -125,9 +125,7 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
                               **fusion, **overrides).to(device).train()
     graph = mode in ("graph", "ddp")
     amp_dtype = PRECISIONS[precision]
-    opt_kwargs = {"capturable": True, "fused": True} if graph else {}  # as main.py
-    if variant == "tf32-fused":
-        opt_kwargs["fused"] = True
+    opt_kwargs = {"fused": True, "capturable": graph} if cuda else {}  # as main.py
     optimizer = create_optimizer_v2(model, opt="adamw", lr=5e-4, weight_decay=0.1, **opt_kwargs)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     ddp_model = mode == "ddp-eager"

@@ -29,7 +29,7 @@ import utils
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
 FUSION_STRATEGIES = ('no', 'none', 'all', 'interleaved', 'alternate', 'lower', 'upper')
-CAPTURABLE_OPTS = ('adamw', 'adam')  # torch's AdamW/Adam take device learning rates (capturable or fused)
+CAPTURABLE_OPTS = ('adamw', 'adam')  # torch's fused AdamW/Adam take device learning rates and loss-scaling flags
 
 
 class UsageError(Exception):
@@ -83,8 +83,6 @@ def get_args_parser():
     parser.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='gradient norm clipping')
     parser.add_argument('--momentum', type=float, default=0.9, metavar='M')
     parser.add_argument('--weight-decay', type=float, default=0.05)
-    parser.add_argument('--fused-adamw', action='store_true',
-                        help="torch's fused AdamW kernel in the eager step (the captured step always uses it)")
 
     # Learning rate schedule (stepped once per epoch, at the epoch's start, unless --sched-on-updates)
     parser.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
@@ -183,8 +181,6 @@ def check_args(args):
             raise UsageError('--cuda-graph needs --device cuda')
     if use_cuda and not torch.cuda.is_available():
         raise UsageError(f'--device {args.device} was asked for but CUDA is not available; use --device cpu')
-    if args.fused_adamw and args.opt.lower() != 'adamw':
-        raise UsageError(f'--fused-adamw needs --opt adamw, got --opt {args.opt}')
     if args.eval and not args.resume:
         raise UsageError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -325,10 +321,11 @@ def main(args):
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
     opt_kwargs = optimizer_kwargs(cfg=args)
-    if args.cuda_graph:  # engine.CapturedTrainStep says why fused
-        opt_kwargs['capturable'] = True
-    if args.fused_adamw or args.cuda_graph:
+    if device.type == 'cuda' and args.opt.lower() in CAPTURABLE_OPTS:
+        # torch's fused AdamW/Adam: the captured step needs it (engine.CapturedTrainStep says why), and the
+        # eager step then takes the same update (one kernel, no host sync for fp16 loss scaling)
         opt_kwargs['fused'] = True
+        opt_kwargs['capturable'] = args.cuda_graph
     optimizer = create_optimizer_v2(model_without_ddp, **opt_kwargs)
     lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=len(loader_train))
     amp_dtype, loss_scaler = amp_settings(args, device)
