@@ -1,7 +1,7 @@
 """Data sets and DeiT transforms.
 
 --data-set CIFAR    CIFAR-100, python version: a folder with the pickles train, test, meta
-                    (--data-path may name that folder or its parent; downloaded there if missing)
+                    (--data-path may name that folder or its parent; downloaded into an existing parent if missing)
 --data-set CIFAR10  CIFAR-10, python version (cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta)
 --data-set IMNET    ImageNet-1k as image folders: <data-path>/train/<class>/*, <data-path>/val/<class>/*
 --data-set FOLDER   any image-folder data set laid out like IMNET; classes are the train/ subfolders
@@ -87,7 +87,8 @@ def _has_files(folder, files):
 def resolve_cifar_folder(data_path, name, download=True):
     """Folder holding the CIFAR pickles: --data-path itself or <data-path>/<extracted name>.
 
-    If neither holds them, try torchvision's download into the matching root; if that fails, raise
+    If neither holds them and the matching root folder exists, try torchvision's download into it (a
+    missing root is not created: a mistyped path must not leave folders behind); if that fails, raise
     DataSetError naming the paths looked in and the expected layout.
     """
     folder_name, files, tv_class = _CIFAR_LAYOUT[name]
@@ -99,10 +100,12 @@ def resolve_cifar_folder(data_path, name, download=True):
     root = os.path.dirname(data_path) if os.path.basename(data_path) == folder_name else data_path
     target = os.path.join(root, folder_name)
     reason = 'download not attempted'
-    if download:
+    if download and not os.path.isdir(root):
+        # never create folders from a (possibly mistyped) path: only download into one that exists
+        reason = f'download not attempted: {root} does not exist; create it to download {name} there'
+    elif download:
         print(f'{name}: no data in {data_path}; trying to download it to {target}', flush=True)
         try:
-            os.makedirs(root, exist_ok=True)
             tv_class(root, train=True, download=True)
         except Exception as e:  # no route, proxy, disk, checksum...: all end in the same message
             reason = f'download failed: {type(e).__name__}: {e}'

@@ -126,3 +126,15 @@ def test_default_deit_train_transform_shapes():
     assert {tuple(t(img).shape) for _ in range(50)} == {(3, 32, 32)}
     t224 = datasets.build_transform(True, make_args(input_size=224))
     assert t224(img).shape == (3, 224, 224)
+
+
+def test_mistyped_cifar_path_is_reported_and_not_created(tmp_path):
+    # --data-path naming a folder that is not there: no download (it would create the folder), an error instead
+    typo = tmp_path / 'datsets' / 'cifar-100-python'
+    with pytest.raises(datasets.DataSetError) as err:
+        datasets.resolve_cifar_folder(str(typo), 'CIFAR', download=True)
+    assert f'{tmp_path / "datsets"} does not exist' in str(err.value)
+    assert not (tmp_path / 'datsets').exists() and os.listdir(tmp_path) == []
+    with pytest.raises(datasets.DataSetError, match='does not exist'):
+        datasets.resolve_cifar_folder(str(tmp_path / 'cifar100'), 'CIFAR', download=True)  # not the folder name
+    assert os.listdir(tmp_path) == []
