@@ -156,11 +156,6 @@ def atomic_copy(src, dst):
         shutil.copyfileobj(fin, fout, 1 << 24)
 
 
-def append_json_line(obj, path):
-    with open(path, 'a') as f:
-        f.write(json.dumps(obj) + '\n')
-
-
 def remove_stale_temp_files(directory):
     """Delete the .tmp-* files that a killed save left in ``directory``; returns their names."""
     removed = []
