@@ -1,13 +1,14 @@
 """Data sets and DeiT transforms.
 
 --data-set CIFAR    CIFAR-100, python version: a folder with the pickles train, test, meta
-                    (--data-path may name that folder or its parent; downloaded into an existing parent if missing)
+                    (--data-path may name that folder or its parent; downloaded there if missing)
 --data-set CIFAR10  CIFAR-10, python version (cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta)
 --data-set IMNET    ImageNet-1k as image folders: <data-path>/train/<class>/*, <data-path>/val/<class>/*
 --data-set FOLDER   any image-folder data set laid out like IMNET; classes are the train/ subfolders
 """
 import os
 import pickle
+import shutil
 
 import numpy as np
 import torch.distributed as dist
@@ -84,12 +85,20 @@ def _has_files(folder, files):
     return all(os.path.isfile(os.path.join(folder, f)) for f in files)
 
 
+def _topmost_missing(path):
+    """The outermost folder of ``path`` that does not exist yet (what makedirs would create), or None."""
+    top = None
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    return top
+
+
 def resolve_cifar_folder(data_path, name, download=True):
     """Folder holding the CIFAR pickles: --data-path itself or <data-path>/<extracted name>.
 
-    If neither holds them and the matching root folder exists, try torchvision's download into it (a
-    missing root is not created: a mistyped path must not leave folders behind); if that fails, raise
-    DataSetError naming the paths looked in and the expected layout.
+    If neither holds them, try torchvision's download into the matching root; if that fails, remove the
+    folders created for it (a mistyped path leaves nothing behind) and raise DataSetError naming the paths
+    looked in and the expected layout.
     """
     folder_name, files, tv_class = _CIFAR_LAYOUT[name]
     data_path = os.path.abspath(os.path.expanduser(data_path))
@@ -100,17 +109,18 @@ def resolve_cifar_folder(data_path, name, download=True):
     root = os.path.dirname(data_path) if os.path.basename(data_path) == folder_name else data_path
     target = os.path.join(root, folder_name)
     reason = 'download not attempted'
-    if download and not os.path.isdir(root):
-        # never create folders from a (possibly mistyped) path: only download into one that exists
-        reason = f'download not attempted: {root} does not exist; create it to download {name} there'
-    elif download:
+    if download:
         print(f'{name}: no data in {data_path}; trying to download it to {target}', flush=True)
+        created = _topmost_missing(root)
         try:
+            os.makedirs(root, exist_ok=True)
             tv_class(root, train=True, download=True)
         except Exception as e:  # no route, proxy, disk, checksum...: all end in the same message
             reason = f'download failed: {type(e).__name__}: {e}'
         if _has_files(target, files):
             return target
+        if created is not None:  # a failed download into a (possibly mistyped) path leaves no folders behind
+            shutil.rmtree(created, ignore_errors=True)
     raise DataSetError(
         f'{name} data set not found. Looked in {candidates[0]} and {candidates[1]}; expected the python-version '
         f'pickles {", ".join(files)} in a folder named {folder_name} (extract {folder_name}.tar.gz from '

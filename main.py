@@ -284,10 +284,12 @@ def flag_name(dest):
 
 
 def check_output_dir(args):
-    """Refuse an --output_dir that cannot be a writable folder, or (training) one that holds another run's
-    files, before any data, model or evaluation. Creates nothing."""
+    """Before any data, model or evaluation (creates nothing): refuse an --output_dir that cannot be a writable
+    folder; for training, one that holds another run's files. A folder holding a checkpoint.pth, without
+    --resume, is resumed from it (args.resume is set; returns True), provided the checkpoint was written with
+    the same flags, which load_checkpoint checks: running the same command again continues (or reports) the run."""
     if not args.output_dir:
-        return
+        return False
     path = os.path.abspath(args.output_dir)
     existing = path
     while not os.path.exists(existing):
@@ -297,19 +299,28 @@ def check_output_dir(args):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f'--output_dir {args.output_dir}: cannot write in {existing}')
     if args.eval or existing != path:
-        return
+        return False
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
     if not held:
-        return  # a new or empty folder (the run scripts mkdir -p it), or one with other files only
+        return False  # a new or empty folder (the run scripts mkdir -p it), or one with other files only
     if args.resume:
         if os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(path):
-            return  # continuing the run that lives there
+            return False  # continuing the run that lives there
         raise UsageError(f'--output_dir {args.output_dir} holds another run ({", ".join(held)}), which resuming '
                          f'from {args.resume} would overwrite; pick an empty --output_dir or the checkpoint\'s folder')
-    hint = (f'continue it with --resume {os.path.join(args.output_dir, "checkpoint.pth")}'
-            if 'checkpoint.pth' in held else 'move those files away')
-    raise UsageError(f'--output_dir {args.output_dir} already holds a run ({", ".join(held)}): {hint}, '
-                     'or pick an empty --output_dir; nothing was changed')
+    if 'checkpoint.pth' not in held:
+        raise UsageError(f'--output_dir {args.output_dir} already holds files of a run ({", ".join(held)}) but no '
+                         'checkpoint.pth to continue it from: move them away or pick an empty --output_dir')
+    args.resume = os.path.join(args.output_dir, 'checkpoint.pth')
+    return True
+
+
+def effective_flags(args):
+    """vars(args) with --lr scaled as main() scales it, as the checkpoint's 'args' hold it."""
+    flags = dict(vars(args))
+    if not args.unscale_lr:
+        flags['lr'] = args.lr * args.batch_size * utils.get_world_size() / 512.0
+    return flags
 
 
 def prepare_output_dir(output_dir):
@@ -347,30 +358,41 @@ def run_changes(flags, saved_flags):
     return {k: [saved_flags.get(k), flags.get(k)] for k in keys if flags.get(k) != saved_flags.get(k)}
 
 
-def load_checkpoint(args):
+def load_checkpoint(args, auto=False):
     """Read and check the --resume checkpoint before anything is built; every problem is a UsageError.
 
     Training refuses model settings that differ from the checkpoint's (it would continue another model) and an
     --epochs below what the checkpoint has trained; --eval warns about them and evaluates the model as the
-    current flags build it. Returns (checkpoint, list of differing model settings)."""
+    current flags build it. ``auto``: the checkpoint was found in --output_dir (no --resume given), and is only
+    resumed when it was written with the same flags. Returns (checkpoint, list of differing model settings)."""
     path = args.resume
+    what = f'{path} (the checkpoint in --output_dir)' if auto else f'--resume {path}'
     if not os.path.exists(path):
-        raise UsageError(f'--resume {path}: no such file')
+        raise UsageError(f'{what}: no such file')
     if os.path.isdir(path):
-        raise UsageError(f'--resume {path} is a folder; give the checkpoint file '
+        raise UsageError(f'{what} is a folder; give the checkpoint file '
                          f'({os.path.join(path, "checkpoint.pth")})')
     if os.path.getsize(path) == 0:
-        raise UsageError(f'--resume {path} is empty (0 bytes): it is not a finished checkpoint')
+        raise UsageError(f'{what} is empty (0 bytes): it is not a finished checkpoint')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:  # truncated zip, not a torch file, unpickling errors...
         reason = (str(e).strip().splitlines() or [''])[0]
-        raise UsageError(f'--resume {path} cannot be read as a checkpoint (truncated, or not written by torch.save): '
+        raise UsageError(f'{what} cannot be read as a checkpoint (truncated, or not written by torch.save): '
                          f'{type(e).__name__}: {reason}') from e
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
-        raise UsageError(f'--resume {path} is not a checkpoint of main.py (no "model" weights in it); '
+        raise UsageError(f'{what} is not a checkpoint of main.py (no "model" weights in it); '
                          'plain weights are loaded with --finetune')
     saved_flags = checkpoint.get('args') or {}
+    if auto:
+        changed = run_changes(effective_flags(args), saved_flags)
+        if changed or not saved_flags:
+            differ = ', '.join(f'{flag_name(k)} {new} (checkpoint: {old})' for k, (old, new) in changed.items())
+            raise UsageError(f'--output_dir {args.output_dir} already holds a run (checkpoint.pth of epoch '
+                             f'{checkpoint.get("epoch")}) with other flags: {differ or "unknown"}. To continue it '
+                             f'with these flags add --resume {path}; for a new run pick an empty --output_dir. '
+                             'Nothing was changed')
+        print(f'--output_dir {args.output_dir} holds a checkpoint of this run (same flags): resuming from {path}')
     changes = model_setting_changes(vars(args), saved_flags)
     if args.eval:
         if changes:
@@ -379,10 +401,10 @@ def load_checkpoint(args):
         return checkpoint, changes
     missing = [k for k in ('optimizer', 'epoch') if k not in checkpoint]
     if missing:
-        raise UsageError(f'--resume {path} holds no training state (no {" or ".join(missing)}): evaluate it with '
+        raise UsageError(f'{what} holds no training state (no {" or ".join(missing)}): evaluate it with '
                          '--eval, or train from its weights with --finetune')
     if changes:
-        raise UsageError(f'--resume {path}: model settings differ from the checkpoint\'s: {"; ".join(changes)}. '
+        raise UsageError(f'{what}: model settings differ from the checkpoint\'s: {"; ".join(changes)}. '
                          'A resumed run continues the checkpoint\'s model: drop these flags, or start a new run '
                          'from its weights with --finetune')
     trained = checkpoint['epoch'] + 1
@@ -560,8 +582,8 @@ def main(args):
     check_args(args)
     utils.init_distributed_mode(args)
     print(args)
-    check_output_dir(args)  # before the data, the model and any evaluation
-    resumed, setting_changes = load_checkpoint(args) if args.resume else (None, [])
+    auto_resume = check_output_dir(args)  # before the data, the model and any evaluation
+    resumed, setting_changes = load_checkpoint(args, auto_resume) if args.resume else (None, [])
     git = utils.git_commit(os.path.dirname(os.path.abspath(__file__)))
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as DeiT: the patch-embedding conv gets cuDNN's fastest algorithm
@@ -653,8 +675,9 @@ def main(args):
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()
     peaks = [] if state['peak_mem_mib'] is None else [state['peak_mem_mib']]
-    max_acc1 = max((e['test_acc1'] for e in history), default=state['max_acc1'] or float('-inf'))
-    max_acc5 = max((e['test_acc5'] for e in history), default=state['max_acc5'] or float('-inf'))
+    # best so far: from the history; a checkpoint without one (older main.py, no log) has its maxima
+    max_acc1, max_acc5 = (max((e[k] for e in history), default=float('-inf') if state[m] is None else state[m])
+                          for k, m in (('test_acc1', 'max_acc1'), ('test_acc5', 'max_acc5')))
     for epoch in range(state['start_epoch'], args.epochs):
         utils.seed_everything(args.seed, epoch, utils.get_rank())
         if hasattr(sampler_train, 'set_epoch'):

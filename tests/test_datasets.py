@@ -128,13 +128,21 @@ def test_default_deit_train_transform_shapes():
     assert t224(img).shape == (3, 224, 224)
 
 
-def test_mistyped_cifar_path_is_reported_and_not_created(tmp_path):
-    # --data-path naming a folder that is not there: no download (it would create the folder), an error instead
-    typo = tmp_path / 'datsets' / 'cifar-100-python'
-    with pytest.raises(datasets.DataSetError) as err:
-        datasets.resolve_cifar_folder(str(typo), 'CIFAR', download=True)
-    assert f'{tmp_path / "datsets"} does not exist' in str(err.value)
-    assert not (tmp_path / 'datsets').exists() and os.listdir(tmp_path) == []
-    with pytest.raises(datasets.DataSetError, match='does not exist'):
-        datasets.resolve_cifar_folder(str(tmp_path / 'cifar100'), 'CIFAR', download=True)  # not the folder name
-    assert os.listdir(tmp_path) == []
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    # a mistyped --data-path: the download is tried there and fails; the folders made for it are removed
+    class FailingDownload:
+        def __init__(self, root, train, download):
+            open(os.path.join(root, 'cifar-100-python.tar.gz'), 'wb').close()  # a partial download
+            raise OSError('no route to host')
+    layout = dict(datasets._CIFAR_LAYOUT)
+    layout['CIFAR'] = layout['CIFAR'][:2] + (FailingDownload,)
+    monkeypatch.setattr(datasets, '_CIFAR_LAYOUT', layout)
+    (tmp_path / 'datasets').mkdir()
+    for typo in (tmp_path / 'datsets' / 'cifar-100-python', tmp_path / 'datasets' / 'cifar100' / 'x'):
+        with pytest.raises(datasets.DataSetError, match='download failed: OSError: no route to host'):
+            datasets.resolve_cifar_folder(str(typo), 'CIFAR', download=True)
+        assert os.listdir(tmp_path) == ['datasets'] and os.listdir(tmp_path / 'datasets') == []
+    # an existing folder stays (with what the download left in it)
+    with pytest.raises(datasets.DataSetError, match='download failed'):
+        datasets.resolve_cifar_folder(str(tmp_path / 'datasets'), 'CIFAR', download=True)
+    assert os.listdir(tmp_path / 'datasets') == ['cifar-100-python.tar.gz']

@@ -128,11 +128,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
 
 def test_missing_data_path_is_reported_with_the_path(tmp_path):
     missing = tmp_path / 'no-cifar-here'
-    missing.mkdir()  # an existing, empty folder: the download is tried there (a missing one is not created)
     proc = run(TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', missing, '--epochs', 1], check=False)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert 'CIFAR data set not found' in proc.stderr and str(missing) in proc.stderr
     assert 'train, test, meta' in proc.stderr and 'download failed' in proc.stderr
+    assert not missing.exists()  # the folder made for the download is gone again
 
 
 def test_bad_settings_fail_before_training(data, tmp_path):

@@ -100,17 +100,32 @@ def test_a_first_run_writes_plain_files_and_a_full_summary(first):
     assert load(out / 'checkpoint.pth')['history'] == log  # the log is written from the checkpoint's history
 
 
-def test_rerunning_into_a_used_output_dir_is_refused_and_changes_nothing(first, data, tmp_path):
+def test_running_again_into_a_used_output_dir_resumes_the_same_run_and_refuses_another(first, data, tmp_path):
     out, _ = first
-    before = contents(out)
-    with pytest.raises(main.UsageError, match=r'already holds a run \(checkpoint.pth, best_checkpoint.pth, log.txt, '
-                                              r'summary.json\): continue it with --resume .*checkpoint.pth'):
-        train(data, out, '--epochs', 1)
+    runs = tmp_path / 'run'
+    shutil.copytree(out, runs)
+    before = contents(runs)
+    # other flags: refused, naming them, before anything is built or written (lr 0.02 is not the run's 0.01)
+    with pytest.raises(main.UsageError, match=r'--output_dir .* already holds a run \(checkpoint.pth of epoch 0\) '
+                                              r'with other flags: --lr 0.02 \(checkpoint: 0.01\)\. To continue it '
+                                              r'with these flags add --resume .*checkpoint.pth'):
+        train(data, runs, '--epochs', 1, '--lr', 0.02)
+    with pytest.raises(main.UsageError, match=r'--epochs 3 \(checkpoint: 1\)'):
+        train(data, runs, '--epochs', 3)
     other = tmp_path / 'other'
     shutil.copytree(out, other)
     with pytest.raises(main.UsageError, match='holds another run'):  # would overwrite that run's files
-        train(data, other, '--epochs', 2, '--resume', out / 'checkpoint.pth')
-    assert contents(out) == before and contents(other) == before
+        train(data, other, '--epochs', 2, '--resume', runs / 'checkpoint.pth')
+    assert contents(runs) == before and contents(other) == before
+    (other / 'checkpoint.pth').unlink()
+    with pytest.raises(main.UsageError, match=r'already holds files of a run \(best_checkpoint.pth, log.txt, '
+                                              r'summary.json\) but no checkpoint.pth'):
+        train(data, other, '--epochs', 1)
+    # the same command again: the run is resumed; finished, it is reported and nothing is trained
+    s = train(data, runs, '--epochs', 1)
+    assert s['final_acc1'] == read_summary(out)['final_acc1'] and s['args']['resume'] == str(runs / 'checkpoint.pth')
+    assert {n: b for n, b in contents(runs).items() if n != 'summary.json'} == \
+        {n: b for n, b in before.items() if n != 'summary.json'}
 
 
 def test_resume_with_more_epochs_and_a_lower_lr_uses_the_schedule_of_the_new_flags(first, data, tmp_path):
@@ -173,8 +188,9 @@ def test_a_kill_between_checkpoint_and_log_is_repaired(data, tmp_path, monkeypat
     with pytest.raises(main.UsageError, match='--epochs 1, but .* has trained 2 epochs already'):
         train(data, out, '--epochs', 1, '--resume', out / 'checkpoint.pth')
     assert contents(out) == before
-    # 4. resubmitted: log and best checkpoint back in step, the finished run reported
-    s = train(data, out, '--epochs', 2, '--resume', out / 'checkpoint.pth')
+    # 4. the same command again (a resubmitted job, no --resume): log and best checkpoint back in step with the
+    #    checkpoint, the finished run reported
+    s = train(data, out, '--epochs', 2)
     assert sorted(os.listdir(out)) == RUN_FILES
     assert read_log(out) == history
     best = 0 if history[0]['test_acc1'] >= history[1]['test_acc1'] else 1
