@@ -8,6 +8,7 @@
 """
 import os
 import pickle
+import shutil
 
 import numpy as np
 import torch.distributed as dist
@@ -84,11 +85,20 @@ def _has_files(folder, files):
     return all(os.path.isfile(os.path.join(folder, f)) for f in files)
 
 
+def _topmost_missing(path):
+    """The outermost folder of ``path`` that does not exist yet (what makedirs would create), or None."""
+    top = None
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    return top
+
+
 def resolve_cifar_folder(data_path, name, download=True):
     """Folder holding the CIFAR pickles: --data-path itself or <data-path>/<extracted name>.
 
-    If neither holds them, try torchvision's download into the matching root; if that fails, raise
-    DataSetError naming the paths looked in and the expected layout.
+    If neither holds them, try torchvision's download into the matching root; if that fails, remove the
+    folders created for it (a mistyped path leaves nothing behind) and raise DataSetError naming the paths
+    looked in and the expected layout.
     """
     folder_name, files, tv_class = _CIFAR_LAYOUT[name]
     data_path = os.path.abspath(os.path.expanduser(data_path))
@@ -101,6 +111,7 @@ def resolve_cifar_folder(data_path, name, download=True):
     reason = 'download not attempted'
     if download:
         print(f'{name}: no data in {data_path}; trying to download it to {target}', flush=True)
+        created = _topmost_missing(root)
         try:
             os.makedirs(root, exist_ok=True)
             tv_class(root, train=True, download=True)
@@ -108,6 +119,8 @@ def resolve_cifar_folder(data_path, name, download=True):
             reason = f'download failed: {type(e).__name__}: {e}'
         if _has_files(target, files):
             return target
+        if created is not None:  # a failed download into a (possibly mistyped) path leaves no folders behind
+            shutil.rmtree(created, ignore_errors=True)
     raise DataSetError(
         f'{name} data set not found. Looked in {candidates[0]} and {candidates[1]}; expected the python-version '
         f'pickles {", ".join(files)} in a folder named {folder_name} (extract {folder_name}.tar.gz from '

@@ -212,12 +212,22 @@ def _hms(seconds):
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+def _precision_advice(amp_dtype):
+    if amp_dtype is None:  # already fp32: nothing to switch off
+        return ''
+    if amp_dtype == torch.float16:
+        return ', or train with --no_amp (fp32) or --amp-dtype bfloat16'
+    return ', or train with --no_amp (fp32)'
+
+
 def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup_fn=None,
-                    model_ema=None, print_freq=10, if_continue_inf=False, lr_scheduler=None):
+                    model_ema=None, print_freq=10, if_continue_inf=False, lr_scheduler=None, amp_dtype=None):
     """Run one epoch through ``step``; returns loss/lr/timing stats (global over all processes).
 
     Loss values are accumulated on the device as [sum of finite losses, #finite, #non-finite] and
     reduced over processes at every print point, so all ranks see the same numbers and stop together.
+    ``amp_dtype`` (the autocast dtype the step uses, None for fp32) only shapes the advice of the
+    non-finite-loss error.
     """
     model.train()
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -240,7 +250,7 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
             raise NonFiniteLossError(
                 f'Loss is not finite (NaN/inf) in {int(w[2])} of the last {window_steps * world_size} '
                 f'steps (epoch {epoch}, step {i + 1}/{num_steps}); stopping without saving this epoch. '
-                'Lower --lr, set --clip-grad, or use --no_amp / --amp-dtype bfloat16; '
+                f'Lower --lr (a --resume takes the new value), set --clip-grad{_precision_advice(amp_dtype)}; '
                 '--if_continue_inf keeps training anyway.')
         now = time.time()
         elapsed = now - start

@@ -186,6 +186,14 @@ def check_args(args):
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup and args.mixup_mode in ('batch', 'pair') and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix in {args.mixup_mode} mode needs an even --batch-size, got {args.batch_size}')
+    if args.epochs < 1 and not args.eval:
+        raise UsageError(f'--epochs must be >= 1, got {args.epochs}')
+    if args.ssm_backend in ssm_ops.KERNEL_BACKENDS and not args.device.startswith('cuda'):
+        raise UsageError(f'--ssm-backend {args.ssm_backend} runs on CUDA tensors only; with --device {args.device} '
+                         'use --ssm-backend torch (or auto)')
+    models = timm.list_models(module='models_mamba')
+    if args.model not in models:
+        raise UsageError(f'unknown --model {args.model!r}; the models are: {", ".join(models)}')
 
 
 def resolve_cuda_graph(args):
@@ -267,11 +275,330 @@ def evaluate_all(args, loader_val, model_without_ddp, model_ema, device, amp_dty
     return stats
 
 
+RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'log.txt', 'summary.json')  # what a training run writes
+# flags that only say where things are or how the processes and the step are run: not a change of the run on
+# --resume (the captured and the eager step train alike)
+BOOKKEEPING_FLAGS = {'resume', 'output_dir', 'data_path', 'start_epoch', 'eval', 'print_freq', 'num_workers',
+                     'pin_mem', 'dist_url', 'local_rank', 'rank', 'gpu', 'distributed', 'dist_backend', 'cuda_graph'}
+FUSION_DEFAULTS = {'fusion_layer': 0, 'fusion_token': 0, 'fusion_order': 'released', 'fusion_mode': 'mean'}
+STRATEGY_ALIASES = {'none': 'no', 'alternate': 'interleaved'}
+
+
+_FLAG_NAMES = {}
+
+
+def flag_name(dest):
+    """The option a user types for an argparse dest: 'unscale_lr' -> '--unscale-lr'."""
+    if not _FLAG_NAMES:
+        for action in get_args_parser()._actions:
+            if action.option_strings:
+                _FLAG_NAMES.setdefault(action.dest, action.option_strings[0])
+    return _FLAG_NAMES.get(dest, '--' + dest)
+
+
+def check_output_dir(args):
+    """Before any data, model or evaluation (creates nothing): refuse an --output_dir that cannot be a writable
+    folder; for training, one that holds another run's files. A folder holding a checkpoint.pth, without
+    --resume, is resumed from it (args.resume is set; returns True), provided the checkpoint was written with
+    the same flags, which load_checkpoint checks: running the same command again continues (or reports) the run."""
+    if not args.output_dir:
+        return False
+    path = os.path.abspath(args.output_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f'--output_dir {args.output_dir}: {existing} is a file, not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'--output_dir {args.output_dir}: cannot write in {existing}')
+    if args.eval or existing != path:
+        return False
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
+    if not held:
+        return False  # a new or empty folder (the run scripts mkdir -p it), or one with other files only
+    if args.resume:
+        if os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(path):
+            return False  # continuing the run that lives there
+        raise UsageError(f'--output_dir {args.output_dir} holds another run ({", ".join(held)}), which resuming '
+                         f'from {args.resume} would overwrite; pick an empty --output_dir or the checkpoint\'s folder')
+    if 'checkpoint.pth' not in held:
+        raise UsageError(f'--output_dir {args.output_dir} already holds files of a run ({", ".join(held)}) but no '
+                         'checkpoint.pth to continue it from: move them away or pick an empty --output_dir')
+    args.resume = os.path.join(args.output_dir, 'checkpoint.pth')
+    return True
+
+
+def effective_flags(args):
+    """vars(args) with --lr scaled as main() scales it, as the checkpoint's 'args' hold it."""
+    flags = dict(vars(args))
+    if not args.unscale_lr:
+        flags['lr'] = args.lr * args.batch_size * utils.get_world_size() / 512.0
+    return flags
+
+
+def prepare_output_dir(output_dir):
+    """Rank 0, just before the first write: create the folder and delete temp files left by a killed save."""
+    os.makedirs(output_dir, exist_ok=True)
+    stale = utils.remove_stale_temp_files(output_dir)
+    if stale:
+        print(f'Removed {len(stale)} temp file(s) left by an interrupted save: {", ".join(stale)}')
+
+
+def model_settings(flags):
+    """The flags that change what a checkpoint's weights compute without changing their shapes (shape changes
+    fail when the weights are loaded), normalised so that settings with the same effect compare equal."""
+    strategy = flags.get('fusion_strategy', 'no')
+    s = {'cls_position': flags.get('cls_position', 'head'), 'fusion_strategy': STRATEGY_ALIASES.get(strategy, strategy),
+         **{k: flags.get(k, d) for k, d in FUSION_DEFAULTS.items()}}
+    if s['fusion_strategy'] == 'no' or not s['fusion_token']:
+        s.update(fusion_strategy='no', **FUSION_DEFAULTS)
+    elif s['fusion_strategy'] in ('all', 'interleaved'):
+        s['fusion_layer'] = 0
+    return s
+
+
+def model_setting_changes(flags, saved_flags):
+    """['--fusion-token 4 (checkpoint: 2)', ...] for the model settings that differ from the checkpoint's."""
+    if not saved_flags:
+        return []
+    now, then = model_settings(flags), model_settings(saved_flags)
+    return [f'{flag_name(k)} {now[k]} (checkpoint: {then[k]})' for k in now if now[k] != then[k]]
+
+
+def run_changes(flags, saved_flags):
+    """{flag: [checkpoint's value, current value]} for the run's flags that changed since the checkpoint."""
+    keys = sorted((set(flags) | set(saved_flags)) - BOOKKEEPING_FLAGS)
+    return {k: [saved_flags.get(k), flags.get(k)] for k in keys if flags.get(k) != saved_flags.get(k)}
+
+
+def load_checkpoint(args, auto=False):
+    """Read and check the --resume checkpoint before anything is built; every problem is a UsageError.
+
+    Training refuses model settings that differ from the checkpoint's (it would continue another model) and an
+    --epochs below what the checkpoint has trained; --eval warns about them and evaluates the model as the
+    current flags build it. ``auto``: the checkpoint was found in --output_dir (no --resume given), and is only
+    resumed when it was written with the same flags. Returns (checkpoint, list of differing model settings)."""
+    path = args.resume
+    what = f'{path} (the checkpoint in --output_dir)' if auto else f'--resume {path}'
+    if not os.path.exists(path):
+        raise UsageError(f'{what}: no such file')
+    if os.path.isdir(path):
+        raise UsageError(f'{what} is a folder; give the checkpoint file '
+                         f'({os.path.join(path, "checkpoint.pth")})')
+    if os.path.getsize(path) == 0:
+        raise UsageError(f'{what} is empty (0 bytes): it is not a finished checkpoint')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # truncated zip, not a torch file, unpickling errors...
+        reason = (str(e).strip().splitlines() or [''])[0]
+        raise UsageError(f'{what} cannot be read as a checkpoint (truncated, or not written by torch.save): '
+                         f'{type(e).__name__}: {reason}') from e
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
+        raise UsageError(f'{what} is not a checkpoint of main.py (no "model" weights in it); '
+                         'plain weights are loaded with --finetune')
+    saved_flags = checkpoint.get('args') or {}
+    if auto:
+        changed = run_changes(effective_flags(args), saved_flags)
+        if changed or not saved_flags:
+            differ = ', '.join(f'{flag_name(k)} {new} (checkpoint: {old})' for k, (old, new) in changed.items())
+            raise UsageError(f'--output_dir {args.output_dir} already holds a run (checkpoint.pth of epoch '
+                             f'{checkpoint.get("epoch")}) with other flags: {differ or "unknown"}. To continue it '
+                             f'with these flags add --resume {path}; for a new run pick an empty --output_dir. '
+                             'Nothing was changed')
+        print(f'--output_dir {args.output_dir} holds a checkpoint of this run (same flags): resuming from {path}')
+    changes = model_setting_changes(vars(args), saved_flags)
+    if args.eval:
+        if changes:
+            print(f'main.py: warning: --eval with model settings that differ from {path}: {"; ".join(changes)}. '
+                  'The accuracy is that of the model as the current flags build it.', file=sys.stderr, flush=True)
+        return checkpoint, changes
+    missing = [k for k in ('optimizer', 'epoch') if k not in checkpoint]
+    if missing:
+        raise UsageError(f'{what} holds no training state (no {" or ".join(missing)}): evaluate it with '
+                         '--eval, or train from its weights with --finetune')
+    if changes:
+        raise UsageError(f'{what}: model settings differ from the checkpoint\'s: {"; ".join(changes)}. '
+                         'A resumed run continues the checkpoint\'s model: drop these flags, or start a new run '
+                         'from its weights with --finetune')
+    trained = checkpoint['epoch'] + 1
+    if args.epochs < trained:
+        raise UsageError(f'--epochs {args.epochs}, but {path} has trained {trained} epochs already; '
+                         f'use --epochs {trained} (report the finished run) or more (train on)')
+    return checkpoint, changes
+
+
+def _history_from_log(checkpoint_path, last_epoch):
+    """Epoch records of a checkpoint written before the history was kept in it: its folder's log.txt, up to its
+    epoch, the last line of each epoch winning (logs of re-runs into the same folder repeat epochs)."""
+    by_epoch = {}
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), 'log.txt')) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get('epoch'), int) and record['epoch'] <= last_epoch:
+                    by_epoch[record['epoch']] = record
+    except OSError:
+        return []
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def resume_state(args, checkpoint, model, model_ema, optimizer, lr_scheduler, loss_scaler, updates_per_epoch):
+    """Load the checkpoint's weights and, for training, the run's state; returns where and how to go on.
+
+    The learning-rate schedule is the one the current flags describe: the scheduler built from them is kept
+    (the checkpoint's scheduler state is not loaded) and only put at the checkpoint's position, and the
+    optimizer's hyper-parameters (lr, initial_lr, weight decay, betas, ...) stay those of the current flags;
+    only its state (moments, step counts) comes from the checkpoint."""
+    state = {'start_epoch': args.start_epoch, 'history': [], 'elapsed_s': 0.0, 'peak_mem_mib': None,
+             'resumes': [], 'max_acc1': None, 'max_acc5': None}
+    if checkpoint is None:
+        return state
+    try:
+        model.load_state_dict(checkpoint['model'])
+        if model_ema is not None:
+            if checkpoint.get('model_ema') is None:
+                raise UsageError(f'{args.resume} holds no EMA weights; resume with --no-model-ema')
+            model_ema.module.load_state_dict(checkpoint['model_ema'])
+    except RuntimeError as e:
+        raise UsageError(f'checkpoint {args.resume} does not fit the model: {e}') from e
+    print(f'Resumed from {args.resume} (epoch {checkpoint.get("epoch")})')
+    if args.eval:
+        return state
+    # the saved groups take the current hyper-parameters before loading, so that load_state_dict also places
+    # the state as the current flags want it (e.g. capturable / fused keep their step counts on the device)
+    saved = checkpoint['optimizer']
+    groups = [{**saved_group, **{k: v for k, v in group.items() if k != 'params'}}
+              for saved_group, group in zip(saved['param_groups'], optimizer.param_groups)]
+    try:
+        optimizer.load_state_dict({**saved, 'param_groups': groups + saved['param_groups'][len(groups):]})
+    except (ValueError, KeyError) as e:
+        raise UsageError(f'the optimizer state in {args.resume} does not fit the model and --opt {args.opt}: '
+                         f'{e}') from e
+    start = checkpoint['epoch'] + 1
+    if args.sched_on_updates:  # where the uninterrupted run's last step_update left the lr
+        lr_scheduler.step_update(start * updates_per_epoch)
+    if loss_scaler is not None and checkpoint.get('scaler') is not None:
+        loss_scaler.load_state_dict(checkpoint['scaler'])
+    history = checkpoint.get('history')
+    if history is None:
+        history = _history_from_log(args.resume, checkpoint['epoch'])
+    changed = run_changes(vars(args), checkpoint.get('args') or {})
+    resumes = list(checkpoint.get('resumes', []))
+    if start < args.epochs:
+        if changed:
+            print('Note: flags changed since the checkpoint: '
+                  + ', '.join(f'{flag_name(k)} {old} -> {new}' for k, (old, new) in changed.items())
+                  + f'; epochs {start}..{args.epochs - 1} use the schedule of the current flags')
+        resumes.append({'epoch': start, 'checkpoint': os.path.abspath(args.resume), 'changed': changed})
+    else:
+        print(f'{args.resume} has trained all {args.epochs} epochs: nothing to train, reporting that run')
+    return {'start_epoch': start, 'history': list(history), 'elapsed_s': checkpoint.get('elapsed_s', 0.0),
+            'peak_mem_mib': checkpoint.get('max_peak_mem_mib'), 'resumes': resumes,
+            'max_acc1': checkpoint.get('max_acc1'), 'max_acc5': checkpoint.get('max_acc5')}
+
+
+def best_record(history):
+    """The epoch record with the highest top-1 (the first of equals: the one best_checkpoint.pth holds)."""
+    return max(history, key=lambda e: e['test_acc1']) if history else None
+
+
+def repair_output_dir(output_dir, checkpoint_path, epoch, history):
+    """On resume (rank 0): put log.txt and best_checkpoint.pth in step with the checkpoint that a kill may have
+    left them behind (log.txt is rewritten from the checkpoint's history, dropping lines past its epoch)."""
+    utils.atomic_write_json_lines(history, os.path.join(output_dir, 'log.txt'))
+    best = best_record(history)
+    if best is None or best['epoch'] != epoch:
+        return  # an older best was saved before the later checkpoints were
+    best_path = os.path.join(output_dir, 'best_checkpoint.pth')
+    try:
+        best_epoch = torch.load(best_path, map_location='cpu', weights_only=False, mmap=True).get('epoch')
+    except Exception:
+        best_epoch = None
+    if best_epoch != epoch:
+        utils.atomic_copy(checkpoint_path, best_path)
+        print(f'Restored {best_path} (epoch {epoch}) from {checkpoint_path}')
+
+
+def save_epoch(output_dir, checkpoint, improved):
+    """checkpoint.pth (holding the whole epoch history), best_checkpoint.pth if the epoch improved, then log.txt
+    rewritten from that history, each atomically: a kill anywhere leaves a complete checkpoint, and a log that is
+    in step with it or is put back in step by the resume."""
+    epoch = checkpoint['epoch']
+    utils.atomic_torch_save(checkpoint, os.path.join(output_dir, 'checkpoint.pth'))
+    utils.fault_point(f'after_checkpoint:{epoch}')
+    if improved:
+        utils.atomic_torch_save(checkpoint, os.path.join(output_dir, 'best_checkpoint.pth'))
+        utils.fault_point(f'after_best:{epoch}')
+    utils.atomic_write_json_lines(checkpoint['history'], os.path.join(output_dir, 'log.txt'))
+    utils.fault_point(f'after_log:{epoch}')
+
+
+def fusion_cap_notice(model, args):
+    requested, removed = model.requested_per_layer, model.removed_per_layer
+    capped = [i for i, (q, r) in enumerate(zip(requested, removed)) if q != r]
+    if capped:
+        print(f'Note: --fusion-token {args.fusion_token} is more than layers {capped} can fuse (half of the tokens '
+              f'entering a layer, class token aside): they remove {[removed[i] for i in capped]} tokens')
+
+
+def gpu_names(device):
+    """The GPU of every process (rank order); [] on the CPU."""
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else None
+    names = [name]
+    if utils.is_dist_avail_and_initialized():
+        names = [None] * utils.get_world_size()
+        torch.distributed.all_gather_object(names, name)
+    return [n for n in names if n]
+
+
+def make_summary(args, state, history, *, total_time, peaks, amp_dtype, model, n_parameters, fusion, gpus, git):
+    final = history[-1] if history else {}
+    best = best_record(history)
+    legacy = not history and args.resume  # a checkpoint without history and without its log: maxima only
+    return {
+        'model': args.model,
+        'architecture': {'depth': model.depth, 'embed_dim': model.embed_dim,
+                         'patch_size': model.patch_embed.proj.kernel_size[0],
+                         'stride': model.patch_embed.proj.stride[0], 'input_size': args.input_size,
+                         'num_classes': model.num_classes, 'cls_position': args.cls_position},
+        'total_time_s': total_time,
+        'total_time': utils.format_hms(total_time),
+        'max_peak_mem_mib': max(peaks) if peaks else None,
+        'best_acc1': best['test_acc1'] if best else (state['max_acc1'] if legacy else None),
+        'best_acc5': max(e['test_acc5'] for e in history) if history else (state['max_acc5'] if legacy else None),
+        'best_epoch': best['epoch'] if best else None,
+        'final_acc1': final.get('test_acc1'),
+        'final_acc5': final.get('test_acc5'),
+        'final_ema_acc1': final.get('test_ema_acc1'),
+        'final_epoch': final.get('epoch'),
+        'epochs': args.epochs,
+        'world_size': utils.get_world_size(),
+        'device': gpus[0] if gpus else 'cpu',
+        'gpus': gpus,
+        'precision': str(amp_dtype).replace('torch.', '') if amp_dtype is not None else 'float32',
+        'n_parameters': n_parameters,
+        'fusion': fusion,
+        'torch_version': torch.__version__,
+        'cuda_version': torch.version.cuda,
+        'timm_version': timm.__version__,
+        'git_commit': git[0],
+        'git_dirty': git[1],
+        'resumes': state['resumes'],
+        'args': vars(args),
+    }
+
+
 def main(args):
     check_args(args)
     utils.init_distributed_mode(args)
     resolve_cuda_graph(args)
     print(args)
+    auto_resume = check_output_dir(args)  # before the data, the model and any evaluation
+    resumed, setting_changes = load_checkpoint(args, auto_resume) if args.resume else (None, [])
+    git = utils.git_commit(os.path.dirname(os.path.abspath(__file__)))
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as DeiT: the patch-embedding conv gets cuDNN's fastest algorithm
     if device.type == 'cuda' and args.tf32:
@@ -310,6 +637,7 @@ def main(args):
     fusion = model_without_ddp.fusion_summary()
     print(f'number of params: {n_parameters}')
     print(f'token fusion: {json.dumps(fusion)}')
+    fusion_cap_notice(model_without_ddp, args)
     print(f'mixer kernels: {model_without_ddp.layers[0].mixer.kernels(torch.empty(0, device=device))}')
 
     # EMA after the DDP wrap: DDP has broadcast rank 0's weights, so every process starts the same EMA
@@ -337,50 +665,37 @@ def main(args):
     else:
         criterion = torch.nn.CrossEntropyLoss()
 
-    max_acc1 = max_acc5 = float('-inf')
-    elapsed_before = 0.0
-    peak_mem_before = None
-    if args.resume:
-        checkpoint = torch.load(args.resume, map_location='cpu', weights_only=False)
-        try:
-            model_without_ddp.load_state_dict(checkpoint['model'])
-        except RuntimeError as e:
-            raise UsageError(f'checkpoint {args.resume} does not fit the model: {e}') from e
-        if not args.eval:
-            optimizer.load_state_dict(checkpoint['optimizer'])
-            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-            args.start_epoch = checkpoint['epoch'] + 1
-            if loss_scaler is not None and checkpoint.get('scaler') is not None:
-                loss_scaler.load_state_dict(checkpoint['scaler'])
-            max_acc1, max_acc5 = checkpoint['max_acc1'], checkpoint['max_acc5']
-            elapsed_before = checkpoint['elapsed_s']
-            peak_mem_before = checkpoint.get('max_peak_mem_mib')
-        if model_ema is not None:
-            if checkpoint.get('model_ema') is None:
-                raise UsageError(f'{args.resume} holds no EMA weights; resume with --no-model-ema')
-            model_ema.module.load_state_dict(checkpoint['model_ema'])
-        print(f'Resumed from {args.resume} (epoch {checkpoint["epoch"]})')
+    state = resume_state(args, resumed, model_without_ddp, model_ema, optimizer, lr_scheduler, loss_scaler,
+                         len(loader_train))
+    del resumed  # its weights now live in the model (and the optimizer)
 
     if args.eval:
         stats = evaluate_all(args, loader_val, model_without_ddp, model_ema, device, amp_dtype)
         print(f'Accuracy of the network on the {stats["test_images"]} test images: {stats["test_acc1"]:.2f}%')
+        if setting_changes:
+            stats['settings_differ_from_checkpoint'] = setting_changes
         print(json.dumps(stats))
         if args.output_dir and utils.is_main_process():
-            os.makedirs(args.output_dir, exist_ok=True)
+            prepare_output_dir(args.output_dir)
             utils.atomic_write_json(stats, os.path.join(args.output_dir, 'eval.json'))
         return stats
 
     step = engine.build_train_step(model, criterion, optimizer, amp_dtype=amp_dtype, loss_scaler=loss_scaler,
                                    clip_grad=args.clip_grad, cuda_graph=args.cuda_graph,
                                    process_group=dist.group.WORLD if several and args.cuda_graph else None)
+    history = state['history']
     if args.output_dir and utils.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
+        prepare_output_dir(args.output_dir)
+        if args.resume:
+            repair_output_dir(args.output_dir, args.resume, state['start_epoch'] - 1, history)
 
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()
-    peaks = [] if peak_mem_before is None else [peak_mem_before]
-    history = []
-    for epoch in range(args.start_epoch, args.epochs):
+    peaks = [] if state['peak_mem_mib'] is None else [state['peak_mem_mib']]
+    # best so far: from the history; a checkpoint without one (older main.py, no log) has its maxima
+    max_acc1, max_acc5 = (max((e[k] for e in history), default=float('-inf') if state[m] is None else state[m])
+                          for k, m in (('test_acc1', 'max_acc1'), ('test_acc5', 'max_acc5')))
+    for epoch in range(state['start_epoch'], args.epochs):
         utils.seed_everything(args.seed, epoch, utils.get_rank())
         if hasattr(sampler_train, 'set_epoch'):
             sampler_train.set_epoch(epoch)
@@ -390,7 +705,8 @@ def main(args):
         train_stats = engine.train_one_epoch(model, step, loader_train, optimizer, device, epoch,
                                              mixup_fn=mixup_fn, model_ema=model_ema,
                                              print_freq=args.print_freq, if_continue_inf=args.if_continue_inf,
-                                             lr_scheduler=lr_scheduler if args.sched_on_updates else None)
+                                             lr_scheduler=lr_scheduler if args.sched_on_updates else None,
+                                             amp_dtype=amp_dtype)
         log = {'epoch': epoch, 'train_loss': train_stats['loss'], 'train_lr': train_stats['lr'],
                'epoch_time_s': train_stats['time_s'], 'train_images_per_s': train_stats['images_per_s']}
         if train_stats['setup_time_s']:
@@ -426,35 +742,18 @@ def main(args):
                 'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
                 'max_acc1': max_acc1,
                 'max_acc5': max_acc5,
-                'elapsed_s': elapsed_before + time.time() - start_time,
+                'elapsed_s': state['elapsed_s'] + time.time() - start_time,
                 'max_peak_mem_mib': max(peaks) if peaks else None,
+                'history': history,
+                'resumes': state['resumes'],
                 'args': vars(args),
             }
-            utils.atomic_torch_save(checkpoint, os.path.join(args.output_dir, 'checkpoint.pth'))
-            if improved:
-                utils.atomic_torch_save(checkpoint, os.path.join(args.output_dir, 'best_checkpoint.pth'))
-            utils.append_json_line(log, os.path.join(args.output_dir, 'log.txt'))
+            save_epoch(args.output_dir, checkpoint, improved)
 
-    total_time = elapsed_before + time.time() - start_time
-    final = history[-1] if history else {}
-    summary = {
-        'model': args.model,
-        'total_time_s': total_time,
-        'total_time': utils.format_hms(total_time),
-        'max_peak_mem_mib': max(peaks) if peaks else None,
-        'best_acc1': max_acc1 if history or args.resume else None,
-        'best_acc5': max_acc5 if history or args.resume else None,
-        'final_acc1': final.get('test_acc1'),
-        'final_acc5': final.get('test_acc5'),
-        'final_ema_acc1': final.get('test_ema_acc1'),
-        'epochs': args.epochs,
-        'world_size': utils.get_world_size(),
-        'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-        'precision': str(amp_dtype).replace('torch.', '') if amp_dtype is not None else 'float32',
-        'n_parameters': n_parameters,
-        'fusion': fusion,
-        'args': vars(args),
-    }
+    total_time = state['elapsed_s'] + time.time() - start_time
+    summary = make_summary(args, state, history, total_time=total_time, peaks=peaks, amp_dtype=amp_dtype,
+                           model=model_without_ddp, n_parameters=n_parameters, fusion=fusion,
+                           gpus=gpu_names(device), git=git)
     print('Training time', summary['total_time'])
     print(json.dumps({k: v for k, v in summary.items() if k != 'args'}, indent=2))
     if args.output_dir and utils.is_main_process():

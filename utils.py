@@ -6,6 +6,9 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
+import subprocess
 import tempfile
 
 import numpy as np
@@ -90,17 +93,39 @@ def format_hms(seconds):
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+TEMP_PREFIX = '.tmp-'
+FAULT_ENV = 'FAMBA_V_FAULT'
+
+
+def fault_point(tag):
+    """Fault injection for the tests: SIGKILL this process at the save-path point ``tag`` when the
+    comma-separated list in $FAMBA_V_FAULT names it (e.g. FAMBA_V_FAULT=after_checkpoint:1)."""
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted and tag in wanted.split(','):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _file_mode():
+    """0666 less the umask: what open() would give a new file (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def _atomic_open(path, mode):
     """Write to a temp file in the target directory, then os.replace: a crash never leaves a
-    half-written file under the final name (and never touches the previous one)."""
+    half-written file under the final name (and never touches the previous one). A kill -9 can
+    leave the temp file (.tmp-*) behind: ``remove_stale_temp_files`` clears those at the next start."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=os.path.splitext(path)[1], dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=directory)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f'before_replace:{os.path.basename(path)}')
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -119,9 +144,43 @@ def atomic_write_json(obj, path):
         f.write('\n')
 
 
-def append_json_line(obj, path):
-    with open(path, 'a') as f:
-        f.write(json.dumps(obj) + '\n')
+def atomic_write_json_lines(records, path):
+    """Rewrite ``path`` with one JSON object per line (log.txt), atomically."""
+    with _atomic_open(path, 'w') as f:
+        for record in records:
+            f.write(json.dumps(record) + '\n')
+
+
+def atomic_copy(src, dst):
+    with open(src, 'rb') as fin, _atomic_open(dst, 'wb') as fout:
+        shutil.copyfileobj(fin, fout, 1 << 24)
+
+
+def remove_stale_temp_files(directory):
+    """Delete the .tmp-* files that a killed save left in ``directory``; returns their names."""
+    removed = []
+    for entry in os.scandir(directory):
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            os.remove(entry.path)
+            removed.append(entry.name)
+    return sorted(removed)
+
+
+def git_commit(directory):
+    """(commit hash, whether the work tree has uncommitted changes) of the git checkout holding
+    ``directory``, or (None, None) when it is not one (or git is missing)."""
+    def git(*cmd):
+        return subprocess.run(['git', '-C', directory, *cmd], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    try:
+        commit = git('rev-parse', 'HEAD')
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    try:
+        dirty = bool(git('status', '--porcelain', '--untracked-files=no'))
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return commit, dirty
 
 
 def resample_pos_embed(pos_embed, cls_index_src, cls_index_dst, num_patches_dst):

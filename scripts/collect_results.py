@@ -1,6 +1,13 @@
 """Turn run folders (each with the summary.json that main.py writes) into a markdown table laid out
 like the paper's Table 1: model, strategy, top-1, top-5, training time, peak memory, and the change
-against the no-fusion run of the same model (accuracy in points, time and memory as ratios).
+against the no-fusion run of the same setting (accuracy in points, time and memory as ratios).
+
+A run's baseline is the no-fusion run that matches it in everything but the fusion flags: model name and
+architecture (depth, width, patch size, stride), input size, data set, epochs, batch size, world size,
+precision, device and every other training flag in summary.json's args (paths, worker counts and the like
+aside). Runs without such a run show '-' in the comparison columns. Models are labelled by their
+architecture ('Vim-Ti' only for a 24-layer, 192-wide, patch-16 Vim); when the runs differ in other
+settings, a 'setting' column names the settings that tell them apart.
 
     python scripts/collect_results.py output/table1/*            # or: --root output/table1
 """
@@ -11,6 +18,13 @@ import os
 import sys
 
 MODEL_NAMES = (('vim_tiny', 'Vim-Ti'), ('vim_small', 'Vim-S'), ('vim_base', 'Vim-B'))
+MODEL_WIDTHS = {'vim_tiny': 192, 'vim_small': 384, 'vim_base': 768}  # all: 24 layers, 16 px patches
+ARCH_FIELDS = ('depth', 'embed_dim', 'patch_size', 'stride', 'input_size')
+# args that do not change what a run measures, and those compared through the architecture or the summary
+IGNORED_ARGS = {'fusion_strategy', 'fusion_layer', 'fusion_token', 'fusion_order', 'fusion_mode',
+                'output_dir', 'data_path', 'resume', 'start_epoch', 'eval', 'print_freq', 'num_workers', 'pin_mem',
+                'dist_url', 'local_rank', 'rank', 'gpu', 'distributed', 'dist_backend', 'world_size',
+                'depth', 'embed_dim', 'patch_size', 'input_size'}
 STRATEGY_ORDER = ('no', 'all', 'interleaved', 'lower', 'upper')
 ALIASES = {'none': 'no', 'alternate': 'interleaved'}
 
@@ -19,11 +33,51 @@ def model_rank(name):
     return next((i for i, (prefix, _) in enumerate(MODEL_NAMES) if name.startswith(prefix)), len(MODEL_NAMES))
 
 
-def model_label(name):
-    for prefix, label in MODEL_NAMES:
-        if name.startswith(prefix):
-            return label + (' (stride 8)' if '_stride8_' in name else '')
-    return name
+def _prefix(name):
+    return next((prefix for prefix, _ in MODEL_NAMES if name.startswith(prefix)), None)
+
+
+def architecture(summary):
+    """depth, embed_dim, patch_size, stride, input_size of a run: as main.py records them, else (older
+    summaries) from its args and its model name's defaults; None where unknown."""
+    if summary.get('architecture'):
+        return {k: summary['architecture'].get(k) for k in ARCH_FIELDS}
+    args, name = summary.get('args', {}), summary['model']
+    prefix = _prefix(name)
+    patch = args.get('patch_size') or (16 if prefix else None)
+    return {'depth': args.get('depth') or (24 if prefix else None),
+            'embed_dim': args.get('embed_dim') or MODEL_WIDTHS.get(prefix),
+            'patch_size': patch,
+            'stride': 8 if '_stride8_' in name else patch,
+            'input_size': args.get('input_size', 224 if prefix else None)}
+
+
+def model_label(name, arch=None):
+    """'Vim-Ti' for a model with Vim-Ti's architecture (24 layers, width 192, patch 16); others spelled out."""
+    prefix = _prefix(name)
+    if prefix is None:
+        return name
+    a = arch or architecture({'model': name})
+    depth, width, patch, stride = (a.get(k) for k in ('depth', 'embed_dim', 'patch_size', 'stride'))
+    if (depth, width, patch) == (24, MODEL_WIDTHS[prefix], 16) and stride in (8, 16):
+        return dict(MODEL_NAMES)[prefix] + (' (stride 8)' if stride == 8 else '')
+    return (f'Vim ({depth} layers, width {width}, patch {patch}'
+            + (f', stride {stride}' if stride != patch else '') + ')')
+
+
+def setting(summary):
+    """Everything a no-fusion baseline must share with a run: {name: value}."""
+    key = {'model': summary['model'], **architecture(summary)}
+    for k in ('epochs', 'world_size', 'precision', 'device'):
+        key[k] = summary.get(k)
+    for k, v in summary.get('args', {}).items():
+        if k not in IGNORED_ARGS:
+            key.setdefault(k, v)
+    return key
+
+
+def _key(setting_dict):
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in setting_dict.items()))
 
 
 def hms(seconds):
@@ -43,7 +97,8 @@ def load_runs(folders):
         args = s['args']
         strategy = ALIASES.get(args['fusion_strategy'], args['fusion_strategy'])
         runs.append({'folder': folder, 'model': s['model'], 'strategy': strategy,
-                     'layer': args['fusion_layer'], 'token': args['fusion_token'], 'summary': s})
+                     'layer': args['fusion_layer'], 'token': args['fusion_token'], 'summary': s,
+                     'arch': architecture(s), 'setting': setting(s)})
     return runs
 
 
@@ -66,24 +121,40 @@ def ratio(a, b):
 def make_table(runs, metric='best'):
     """Markdown table; ``metric`` picks best (max over epochs) or final (last epoch) accuracy."""
     key1, key5 = f'{metric}_acc1', f'{metric}_acc5'
-    runs = sorted(runs, key=lambda r: (model_rank(r['model']), r['model'], STRATEGY_ORDER.index(r['strategy']),
-                                       r['layer'], r['token']))
+    for r in runs:
+        r.setdefault('arch', architecture(r['summary']))
+        r.setdefault('setting', setting(r['summary']))
+    runs = sorted(runs, key=lambda r: (model_rank(r['model']), r['model'], _key(r['setting']),
+                                       STRATEGY_ORDER.index(r['strategy']), r['layer'], r['token']))
     baseline = {}
     for r in runs:
         if r['strategy'] == 'no':
-            baseline.setdefault(r['model'], r['summary'])
-    lines = ['| model | strategy | top-1 | top-5 | training time | peak memory (MiB) | '
-             'Δ top-1 | Δ top-5 | time vs none | memory vs none |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+            key = _key(r['setting'])
+            if key in baseline:
+                print(f"{r['folder']}: another no-fusion run of the same setting; comparing with "
+                      f"{baseline[key]['folder']}", file=sys.stderr)
+            baseline.setdefault(key, r)
+    # the settings (beyond those in the model label) in which the runs differ get a column of their own
+    shown = set(ARCH_FIELDS[:4]) | {'model'}
+    varying = sorted(k for k in set().union(*(r['setting'] for r in runs)) - shown
+                     if len({json.dumps(r['setting'].get(k), sort_keys=True) for r in runs}) > 1)
+    head = ['model'] + (['setting'] if varying else []) + ['strategy', 'top-1', 'top-5', 'training time',
+                                                            'peak memory (MiB)', 'Δ top-1', 'Δ top-5',
+                                                            'time vs none', 'memory vs none']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
     for r in runs:
-        s, base = r['summary'], baseline.get(r['model'])
+        s, base = r['summary'], baseline.get(_key(r['setting']))
+        base = base and base['summary']
         d1 = d5 = t_ratio = m_ratio = None
         if base is not None:
             d1 = None if s[key1] is None or base[key1] is None else s[key1] - base[key1]
             d5 = None if s[key5] is None or base[key5] is None else s[key5] - base[key5]
             t_ratio = ratio(s['total_time_s'], base['total_time_s'])
             m_ratio = ratio(s.get('max_peak_mem_mib'), base.get('max_peak_mem_mib'))
-        lines.append(f"| {model_label(r['model'])} | {strategy_label(r)} | {fmt(s[key1], '.1f')} | "
+        label = model_label(r['model'], r['arch'])
+        if varying:
+            label += ' | ' + ', '.join(f"{k}={r['setting'].get(k)}" for k in varying)
+        lines.append(f"| {label} | {strategy_label(r)} | {fmt(s[key1], '.1f')} | "
                      f"{fmt(s[key5], '.1f')} | {hms(s['total_time_s'])} | {fmt(s.get('max_peak_mem_mib'), '.0f')} | "
                      f"{fmt(d1, '+.1f')} | {fmt(d5, '+.1f')} | {fmt(t_ratio, '.2f')} | {fmt(m_ratio, '.2f')} |")
     return '\n'.join(lines)

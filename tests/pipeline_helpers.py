@@ -47,11 +47,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(args, *, launcher=None, timeout=300, check=True, threads=1):
+def run(args, *, launcher=None, timeout=300, check=True, threads=1, env=None):
     """Run main.py (optionally under a launcher prefix) in a subprocess; returns CompletedProcess.
 
-    One thread by default: the runs are tiny, and a fixed thread count keeps CPU results reproducible."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
+    One thread by default: the runs are tiny, and a fixed thread count keeps CPU results reproducible.
+    ``env``: more environment variables (e.g. the fault point FAMBA_V_FAULT)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1', **(env or {}))
     cmd = [sys.executable] + (launcher or []) + ['main.py'] + [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -126,3 +126,23 @@ def test_default_deit_train_transform_shapes():
     assert {tuple(t(img).shape) for _ in range(50)} == {(3, 32, 32)}
     t224 = datasets.build_transform(True, make_args(input_size=224))
     assert t224(img).shape == (3, 224, 224)
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    # a mistyped --data-path: the download is tried there and fails; the folders made for it are removed
+    class FailingDownload:
+        def __init__(self, root, train, download):
+            open(os.path.join(root, 'cifar-100-python.tar.gz'), 'wb').close()  # a partial download
+            raise OSError('no route to host')
+    layout = dict(datasets._CIFAR_LAYOUT)
+    layout['CIFAR'] = layout['CIFAR'][:2] + (FailingDownload,)
+    monkeypatch.setattr(datasets, '_CIFAR_LAYOUT', layout)
+    (tmp_path / 'datasets').mkdir()
+    for typo in (tmp_path / 'datsets' / 'cifar-100-python', tmp_path / 'datasets' / 'cifar100' / 'x'):
+        with pytest.raises(datasets.DataSetError, match='download failed: OSError: no route to host'):
+            datasets.resolve_cifar_folder(str(typo), 'CIFAR', download=True)
+        assert os.listdir(tmp_path) == ['datasets'] and os.listdir(tmp_path / 'datasets') == []
+    # an existing folder stays (with what the download left in it)
+    with pytest.raises(datasets.DataSetError, match='download failed'):
+        datasets.resolve_cifar_folder(str(tmp_path / 'datasets'), 'CIFAR', download=True)
+    assert os.listdir(tmp_path / 'datasets') == ['cifar-100-python.tar.gz']

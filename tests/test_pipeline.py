@@ -112,9 +112,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     proc = run(args, check=False)
     assert proc.returncode == 1
     assert 'Loss is not finite' in proc.stderr and 'epoch 1' in proc.stderr and 'Traceback' not in proc.stderr
+    assert 'Lower --lr' in proc.stderr and '--no_amp' not in proc.stderr  # float16 AMP is off on the CPU: fp32
     ckpt = torch.load(tmp_path / 'checkpoint.pth', map_location='cpu', weights_only=False)
     assert ckpt['epoch'] == 0 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
     assert len(read_log(tmp_path)) == 1 and not (tmp_path / 'summary.json').exists()
+    # as the message advises: resume with a lower --lr, which the resumed epoch then uses (the checkpoint's
+    # optimizer and scheduler hold 1e30): cosine over 2 epochs, 1 of warmup, at epoch 1: (1e-3 + 1e-5) / 2
+    import main
+    s = main.main(main.get_args_parser().parse_args(
+        [str(a) for a in args + ['--lr', 1e-3, '--resume', tmp_path / 'checkpoint.pth']]))
+    log = read_log(tmp_path)
+    assert log[1]['train_lr'] == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-12) and log[1]['train_loss'] < 10
+    assert s['final_epoch'] == 1 and s['args']['lr'] == 1e-3 and s['resumes'][0]['changed'] == {'lr': [1e30, 1e-3]}
 
 
 def test_missing_data_path_is_reported_with_the_path(tmp_path):
@@ -123,6 +132,7 @@ def test_missing_data_path_is_reported_with_the_path(tmp_path):
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert 'CIFAR data set not found' in proc.stderr and str(missing) in proc.stderr
     assert 'train, test, meta' in proc.stderr and 'download failed' in proc.stderr
+    assert not missing.exists()  # the folder made for the download is gone again
 
 
 def test_bad_settings_fail_before_training(data, tmp_path):

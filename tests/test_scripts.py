@@ -96,3 +96,60 @@ def test_collect_results_final_metric_and_missing_baseline(tmp_path, capsys):
                                                               '-', '-', '-', '-', '-']
     with pytest.raises(SystemExit):
         load_collect().main([str(tmp_path / 'nothing')])
+
+
+def write_run(folder, strategy, acc1, seconds, *, arch=None, world_size=1, precision='float32', **args):
+    """A summary.json as main.py writes it now: architecture, world size, precision and the args."""
+    os.makedirs(folder)
+    token = 0 if strategy == 'no' else 2
+    summary = {'model': TINY, 'best_acc1': acc1, 'best_acc5': acc1 + 10, 'final_acc1': acc1, 'final_acc5': acc1 + 10,
+               'total_time_s': seconds, 'max_peak_mem_mib': None, 'epochs': args.get('epochs', 300),
+               'world_size': world_size, 'precision': precision, 'device': 'cpu',
+               'args': {'fusion_strategy': strategy, 'fusion_layer': 1, 'fusion_token': token, 'batch_size': 16,
+                        'data_set': 'CIFAR', 'lr': 0.001, 'output_dir': str(folder), 'num_workers': 0, **args}}
+    if arch is not None:
+        summary['architecture'] = arch
+    with open(os.path.join(folder, 'summary.json'), 'w') as f:
+        json.dump(summary, f)
+
+
+def test_collect_results_compares_only_runs_of_the_same_setting(tmp_path, capsys):
+    small = {'depth': 4, 'embed_dim': 32, 'patch_size': 8, 'stride': 8, 'input_size': 32}
+    vim_ti = {'depth': 24, 'embed_dim': 192, 'patch_size': 16, 'stride': 16, 'input_size': 224}
+    write_run(tmp_path / 'ti_no', 'no', 70.0, 1000, arch=vim_ti, epochs=1)
+    write_run(tmp_path / 'ti_up', 'upper', 69.0, 800, arch=vim_ti, epochs=1)
+    write_run(tmp_path / 'small_no', 'no', 10.0, 100, arch=small, epochs=1)        # listed first: the old table
+    write_run(tmp_path / 'small_up', 'upper', 12.0, 50, arch=small, epochs=1)      # took it as the baseline
+    write_run(tmp_path / 'small_up_2ep', 'upper', 15.0, 90, arch=small, epochs=2)  # no 2-epoch baseline
+    write_run(tmp_path / 'small_no_w2', 'no', 11.0, 60, arch=small, epochs=1, world_size=2)
+    write_run(tmp_path / 'small_up_w2', 'upper', 13.5, 40, arch=small, epochs=1, world_size=2)
+    write_run(tmp_path / 'small_up_bf16', 'upper', 9.0, 30, arch=small, epochs=1, precision='bfloat16')
+    load_collect().main(['--root', str(tmp_path)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    head = [c.strip() for c in lines[0].strip('|').split('|')]
+    assert head[:3] == ['model', 'setting', 'strategy'] and len(head) == 11
+    rows = {(r[0], r[1], r[2]): r[3:] for r in
+            ([c.strip() for c in ln.strip('|').split('|')] for ln in lines[2:])}
+    assert len(rows) == 8
+    label = 'Vim (4 layers, width 32, patch 8)'  # not 'Vim-Ti': only its name is Vim-Ti's
+    setting = 'epochs={}, input_size={}, precision={}, world_size={}'.format
+    # top-1, top-5, time, memory, Δ top-1, Δ top-5, time vs none, memory vs none
+    assert rows[(label, setting(1, 32, 'float32', 1), 'upper (L=1, r=2)')] == \
+        ['12.0', '22.0', '0:00:50', '-', '+2.0', '+2.0', '0.50', '-']
+    assert rows[(label, setting(1, 32, 'float32', 2), 'upper (L=1, r=2)')] == \
+        ['13.5', '23.5', '0:00:40', '-', '+2.5', '+2.5', f'{40 / 60:.2f}', '-']
+    assert rows[(label, setting(2, 32, 'float32', 1), 'upper (L=1, r=2)')][4:] == ['-'] * 4
+    assert rows[(label, setting(1, 32, 'bfloat16', 1), 'upper (L=1, r=2)')][4:] == ['-'] * 4
+    assert rows[('Vim-Ti', setting(1, 224, 'float32', 1), 'upper (L=1, r=2)')][4:7] == ['-1.0', '-1.0', '0.80']
+
+
+def test_model_labels_follow_the_architecture():
+    collect = load_collect()
+    assert collect.model_label(TINY) == 'Vim-Ti' and collect.model_label(SMALL) == 'Vim-S'
+    # older summaries (no 'architecture'): from the args, None meaning the model's own size
+    s = {'model': TINY, 'args': {'depth': 4, 'embed_dim': 32, 'patch_size': 8, 'input_size': 32}}
+    assert collect.model_label(TINY, collect.architecture(s)) == 'Vim (4 layers, width 32, patch 8)'
+    s = {'model': SMALL, 'args': {'depth': None, 'embed_dim': None, 'patch_size': None}}
+    assert collect.model_label(SMALL, collect.architecture(s)) == 'Vim-S'
+    stride8 = TINY.replace('patch16_', 'patch16_stride8_')
+    assert collect.model_label(stride8) == 'Vim-Ti (stride 8)'

@@ -1,5 +1,9 @@
-"""Checkpoint helpers: atomic saves, pos_embed moves, fine-tune loading; time format."""
+"""Checkpoint helpers: atomic saves, pos_embed moves, fine-tune loading; time format; git commit."""
+import json
 import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -25,6 +29,51 @@ def test_atomic_save_replaces_or_keeps_the_old_file(tmp_path):
         utils.atomic_torch_save({'epoch': 2, 'bad': lambda: 0}, str(path))  # lambdas cannot be pickled
     assert torch.load(path)['epoch'] == 1  # the good file survives a failed save
     assert os.listdir(tmp_path) == ['checkpoint.pth']  # and no temp file is left behind
+
+
+def test_atomic_writes_get_the_modes_of_plain_files(tmp_path):
+    old = os.umask(0o027)
+    try:
+        utils.atomic_torch_save({'epoch': 0}, str(tmp_path / 'c.pth'))
+        utils.atomic_write_json({'a': 1}, str(tmp_path / 's.json'))
+        utils.atomic_write_json_lines([{'epoch': 0}, {'epoch': 1}], str(tmp_path / 'log.txt'))
+        with open(tmp_path / 'plain', 'w'):
+            pass
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {'c.pth': 0o640, 's.json': 0o640, 'log.txt': 0o640, 'plain': 0o640}  # 0666 less the umask
+    assert [json.loads(ln) for ln in open(tmp_path / 'log.txt')] == [{'epoch': 0}, {'epoch': 1}]
+
+
+def test_a_kill_before_the_rename_leaves_only_a_temp_file_which_is_cleaned(tmp_path):
+    # a real SIGKILL inside the atomic save (fault point before os.replace): the old file survives,
+    # the temp file stays behind, and remove_stale_temp_files clears it (and nothing else)
+    utils.atomic_write_json({'v': 1}, str(tmp_path / 'summary.json'))
+    code = f'import utils; utils.atomic_write_json({{"v": 2}}, {str(tmp_path / "summary.json")!r})'
+    env = dict(os.environ, FAMBA_V_FAULT='before_replace:summary.json')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(os.path.abspath(utils.__file__)), env=env)
+    assert proc.returncode == -9
+    assert json.load(open(tmp_path / 'summary.json')) == {'v': 1}
+    (tmp,) = [p for p in os.listdir(tmp_path) if p != 'summary.json']
+    assert tmp.startswith('.tmp-') and tmp.endswith('.json')
+    (tmp_path / 'other.txt').write_text('x')
+    assert utils.remove_stale_temp_files(str(tmp_path)) == [tmp]
+    assert sorted(os.listdir(tmp_path)) == ['other.txt', 'summary.json']
+
+
+def test_git_commit_of_a_checkout_and_of_a_plain_folder(tmp_path, monkeypatch):
+    repo = os.path.dirname(os.path.abspath(utils.__file__))
+    try:
+        expected = subprocess.run(['git', '-C', repo, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        expected = None
+    commit, dirty = utils.git_commit(repo)
+    assert commit == expected and (dirty is None) == (expected is None)
+    assert utils.git_commit(str(tmp_path)) == (None, None)  # not a checkout
+    monkeypatch.setenv('PATH', str(tmp_path))  # no git at all
+    assert utils.git_commit(repo) == (None, None)
 
 
 def test_resample_pos_embed_moves_the_class_token():
