@@ -1,6 +1,8 @@
 """The Triton kernels (causal conv + SiLU, selective scan) against the float64 references and their autograd
 gradients. Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), so the same code is
 checked on the CPU."""
+import math
+
 import pytest
 import torch
 
@@ -218,12 +220,76 @@ def test_merge_rows_and_its_transpose_against_loops(dtype, c):
     assert got_dx.dtype == dtype and torch.allclose(got_dx.cpu().double(), want_dx.to(dtype).double(), **tol)
 
 
+def exact_metric(batch, tokens, c, seed):
+    """(batch, tokens, c) similarity metrics whose cosines are exact in float32 and bfloat16, so that the torch
+    matching (a BLAS matmul, blocked and vectorised as the CPU and thread count have it) and fusion_map (numpy in
+    Triton's interpreter, or a GPU) get the same scores bit for bit, ties included, whatever their summation order.
+    Random rows would not: rounding differs with a row's place in a tile, so equal rows need not score equally,
+    and near-equal best scores can swap. Each row is s (1 or 2) on k (1, 4 or 16) of its channels and 0 elsewhere:
+    its norm s * sqrt(k) is a power of two, every normalised entry, product and partial sum is a multiple of 1/16
+    (exact), and different scores differ by 1/16 at least. Non-negative, so no score is -0.0 (a sort on the bits,
+    a radix sort, would put it below 0.0 instead of tying them). Channel counts below 16 drop k = 16.
+    The values are coarse on purpose: many A tokens share a best score and many rows have several best partners,
+    so both tie rules decide a large part of every matching."""
+    g = torch.Generator().manual_seed(seed)
+    ks = [k for k in (1, 4, 16) if k <= c]
+    x = torch.zeros(batch, tokens, c)
+    for row in x.view(-1, c):
+        k = ks[int(torch.randint(len(ks), (), generator=g))]
+        row[torch.randperm(c, generator=g)[:k]] = float(torch.randint(1, 3, (), generator=g))
+    return x
+
+
+def exact_matching(x, r, cls):
+    """Bipartite matching from its definition, for exact_metric's rows (float64 cosines are exact for them):
+    every A token (even position) takes the first B token (odd position) of its best score; the r A tokens with
+    the highest best score are fused, ties to the earlier token; the class token is never matched.
+    Returns src, dst (B, r) lists as token_fusion.bipartite_soft_matching orders them."""
+    unit = x.double() / x.double().norm(dim=-1, keepdim=True)
+    src, dst = [], []
+    for b in range(x.shape[0]):
+        c = cls if cls is None or isinstance(cls, int) else int(cls[b])
+        best, partner = {}, {}
+        for a in range(0, x.shape[1], 2):
+            row = [-math.inf if a == c or p == c else float(unit[b, a] @ unit[b, p])
+                   for p in range(1, x.shape[1], 2)]
+            best[a] = max(row)
+            partner[a] = 2 * row.index(best[a]) + 1   # list.index: the first best partner
+        order = sorted(best, key=lambda a: (-best[a], a))  # descending score, then ascending position
+        src.append(order[:r])
+        dst.append([partner[a] for a in order[:r]])
+    return torch.tensor(src), torch.tensor(dst)
+
+
+def test_exact_metric_scores_are_exact_and_tie():
+    """The premise of the tests below: torch's float32 matching scores of exact_metric rows equal the float64
+    ones bit for bit (with the thread count the suite runs under and with one thread), and they do tie."""
+    x = exact_metric(2, 183, 100, seed=0)
+    unit64 = x.double() / x.double().norm(dim=-1, keepdim=True)
+    want = unit64[:, ::2] @ unit64[:, 1::2].transpose(1, 2)
+    assert torch.equal(want * 16, (want * 16).round())   # multiples of 1/16
+    threads = torch.get_num_threads()
+    try:
+        for n in {threads, 1}:
+            torch.set_num_threads(n)
+            for dtype in (torch.float32, torch.bfloat16):
+                unit = torch.nn.functional.normalize(x.to(dtype).float(), dim=-1)
+                assert torch.equal((unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)).double(), want)
+    finally:
+        torch.set_num_threads(threads)
+    best = want.max(-1).values
+    assert all(len(set(row.tolist())) < len(row) // 4 for row in best)   # many A tokens share a best score
+    assert ((want == best[..., None]).sum(-1) > 1).any(-1).all()          # and rows with several best partners
+
+
 @pytest.mark.parametrize("mode", ["mean", "size"])
 def test_fuse_through_the_kernels_equals_the_torch_merge(monkeypatch, mode):
-    """token_fusion.fuse with its Triton merge (forced on, interpreted on the CPU) against its torch merge."""
+    """token_fusion.fuse with its Triton merge (forced on, interpreted on the CPU) against its torch merge. In mode
+    "mean" the kernels also do the matching (fusion_map): the hidden stream, which is the metric, has exact scores
+    (exact_metric), so both sides fuse the same tokens on any CPU."""
     import token_fusion
     g = torch.Generator().manual_seed(0)
-    hidden, residual = torch.randn(3, 21, 6, generator=g), torch.randn(3, 21, 6, generator=g)
+    hidden, residual = exact_metric(3, 21, 6, seed=0), torch.randn(3, 21, 6, generator=g)
     size = torch.rand(3, 21, 1, generator=g) + 1 if mode == "size" else None
     w1, w2 = torch.randn(3, 14, 6, generator=g), torch.randn(3, 14, 6, generator=g)
     results = []
@@ -247,16 +313,19 @@ MAP_CASES = [  # tokens, channels, r, class token
 @pytest.mark.parametrize("tokens, c, r, cls", MAP_CASES)
 def test_fusion_map_equals_the_torch_matching_and_map(tokens, c, r, cls, dtype):
     """kernels_triton.fusion_map against token_fusion's torch functions (bipartite matching, fusion_indices,
-    merged_size), index for index. Two samples repeat token rows so that scores tie: ties go to the earlier
-    token in both (a stable sort)."""
+    merged_size), index for index, and both against the matching by its definition. The scores are exact
+    (exact_metric) and tie often, within rows and between them; sample 1 also repeats an A token's row and sample 2
+    has two A tokens parallel to one B token (cosine 1): ties go to the earlier token in both (a stable sort), and
+    a tie for the best partner to the earlier B token (torch's max, Triton's argmax)."""
     import token_fusion
-    g = torch.Generator().manual_seed(tokens * 100 + r)
-    x = torch.randn(3, tokens, c, generator=g).to(dtype)
+    x = exact_metric(3, tokens, c, seed=tokens * 100 + r).to(dtype)
     x[1, 4:tokens:4] = x[1, 0]              # A tokens with identical best scores
     x[2, 2] = x[2, 6] = 2 * x[2, 1]
     if cls == "per-sample":
         cls = torch.tensor([1, tokens - 1, tokens // 2])
     src, dst, kept_a = token_fusion.bipartite_soft_matching(x, r, cls)
+    want_src, want_dst = exact_matching(x, r, cls)
+    assert torch.equal(src, want_src) and torch.equal(dst, want_dst)
     keep, dst_out, dest, cls_out = token_fusion.fusion_indices(src, dst, kept_a, tokens, "released", cls)
     weight = token_fusion.merged_size(keep, src, dst_out)
     on = cls.to(DEVICE) if isinstance(cls, torch.Tensor) else cls
@@ -271,14 +340,15 @@ def test_fusion_map_equals_the_torch_matching_and_map(tokens, c, r, cls, dtype):
 
 def test_fuse_uses_fusion_map_up_to_its_token_limit_and_torch_beyond(monkeypatch):
     """Past FUSION_MAP_MAX_TOKENS (more scores than a program holds) fuse falls back to the torch matching, with
-    the same result; at the limit it takes the kernel."""
+    the same result; at the limit it takes the kernel (exact scores, exact_metric, so that it matches as torch does)."""
     import token_fusion
     calls = []
     real = kt.fusion_map
     monkeypatch.setattr(kt, "fusion_map", lambda *a: calls.append(a[0].shape[1]) or real(*a))
     for tokens in (kt.FUSION_MAP_MAX_TOKENS, kt.FUSION_MAP_MAX_TOKENS + 1):
         g = torch.Generator().manual_seed(tokens)
-        hidden, residual = (torch.randn(2, tokens, 8, generator=g).to(DEVICE) for _ in range(2))
+        hidden = exact_metric(2, tokens, 8, seed=tokens).to(DEVICE)
+        residual = torch.randn(2, tokens, 8, generator=g).to(DEVICE)
         results = []
         for kernels in (True, False):
             monkeypatch.setattr(token_fusion, "_use_kernels", lambda x, on=kernels: on)
