@@ -554,6 +554,18 @@ def gpu_names(device):
     return [n for n in names if n]
 
 
+def rank_checksums(model, device):
+    """[sum, sum of squares] of all parameters (float64) for every process, rank 0 first: identical lists when the
+    processes trained in step, as their gradient averaging promises."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+    local = torch.stack([flat.sum(), flat.square().sum()]).to(device)
+    if utils.get_world_size() == 1:
+        return [local.tolist()]
+    gathered = [torch.empty_like(local) for _ in range(utils.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [g.tolist() for g in gathered]
+
+
 def make_summary(args, state, history, *, total_time, peaks, amp_dtype, model, n_parameters, fusion, gpus, git):
     final = history[-1] if history else {}
     best = best_record(history)
@@ -754,6 +766,7 @@ def main(args):
     summary = make_summary(args, state, history, total_time=total_time, peaks=peaks, amp_dtype=amp_dtype,
                            model=model_without_ddp, n_parameters=n_parameters, fusion=fusion,
                            gpus=gpu_names(device), git=git)
+    summary['param_checksums'] = rank_checksums(model_without_ddp, device)
     print('Training time', summary['total_time'])
     print(json.dumps({k: v for k, v in summary.items() if k != 'args'}, indent=2))
     if args.output_dir and utils.is_main_process():

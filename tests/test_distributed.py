@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+import torch
 
 import datasets
 import engine
@@ -38,6 +39,11 @@ def test_launch_use_env_two_processes_with_distributed_eval(data, tmp_path):
     assert log[0]['train_images_per_s'] == pytest.approx(64 / log[0]['epoch_time_s'], rel=1e-9)
     assert log[-1]['test_images'] == 25  # the shards add up to the whole set, nothing padded or dropped
     assert summary['world_size'] == 2 and summary['fusion']['removed_per_layer'] == [0, 3, 0, 3]
+    # both processes end with the same parameters: the saved model's, summed on the side
+    saved = torch.load(tmp_path / 'checkpoint.pth', map_location='cpu', weights_only=False)['model']
+    flat = torch.cat([v.flatten() for v in saved.values()]).double()
+    assert summary['param_checksums'][0] == summary['param_checksums'][1]
+    assert summary['param_checksums'][0] == pytest.approx([flat.sum().item(), flat.square().sum().item()], rel=1e-12)
     # the logged numbers are the sums over both shards of an evaluation of the saved model
     shards = [evaluate_shard(data, tmp_path / 'checkpoint.pth', rank, 2) for rank in (0, 1)]
     assert [s['images'] for s in shards] == [13, 12]
