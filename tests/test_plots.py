@@ -1,5 +1,7 @@
-"""The pictures: scripts/visualize_fusion.py (patches held by each token)."""
+"""The pictures: scripts/visualize_fusion.py (patches held by each token) and the trade-off plot of
+scripts/collect_results.py --plot (scripts/tradeoff_plot.py)."""
 import importlib.util
+import json
 import os
 import pickle
 import subprocess
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline_helpers import QUIET, REPO, TINY_MODEL, write_cifar100
+from test_scripts import SMALL, TINY, load_collect, write_summary
 from test_token_fusion import held
 
 pytest.importorskip('matplotlib')
@@ -106,4 +109,46 @@ def test_visualize_fusion_default_layers_spread_over_the_fused_ones():
     assert vf.default_layers(list(range(5, 24))) == [5, 11, 17, 23]  # upper L4: 19 fused layers, every 6th
     assert vf.default_layers(list(range(1, 24, 2))) == [1, 9, 15, 23]  # interleaved: positions 0, 3.67, 7.33, 11
     assert vf.default_layers([2, 3]) == [2, 3]
+
+
+# ----------------------------------------------------------------------------- trade-off plot
+
+def test_tradeoff_plot_points_are_the_summaries_and_the_papers(tmp_path, capsys):
+    """collect_results --plot: every run is one point per panel at (hours or MiB, top-1) straight from its
+    summary.json (a run without a memory figure only in the time panel), and each model of the paper's Table 1
+    gets its five hollow points; the JSON beside the PNG is read back from the figure's lines."""
+    write_summary(tmp_path / 'a', TINY, 'no', 0, 0, 52.25, 80.0, 5400, 3000.5)
+    write_summary(tmp_path / 'b', TINY, 'upper', 4, 8, 50.5, 79.0, 4000, 2100.0)
+    write_summary(tmp_path / 'c', SMALL, 'lower', 19, 9, 44.0, 70.0, 7200, None)
+    png = tmp_path / 'plot' / 'tradeoff.png'
+    load_collect().main(['--root', str(tmp_path), '--plot', str(png)])
+    capsys.readouterr()
+    assert Image.open(png).size[0] > 0
+    with open(tmp_path / 'plot' / 'tradeoff.json') as f:
+        plotted = json.load(f)
+    runs = lambda panel: sorted((p['model'], p['label'], p['x'], p['y'])  # noqa: E731
+                                for p in plotted[panel] if p['source'] == 'run')
+    assert runs('time') == [('Vim-S', 'lower (L=19, r=9)', 2.0, 44.0), ('Vim-Ti', 'none', 1.5, 52.25),
+                            ('Vim-Ti', 'upper (L=4, r=8)', 4000 / 3600, 50.5)]
+    assert runs('memory') == [('Vim-Ti', 'none', 3000.5, 52.25), ('Vim-Ti', 'upper (L=4, r=8)', 2100.0, 50.5)]
+    paper = {(p['model'], p['label']): (p['x'], p['y']) for p in plotted['time'] if p['source'] == 'paper'}
+    assert len(paper) == 10
+    assert paper[('Vim-Ti', 'upper')] == pytest.approx((4 + 8 / 60 + 40 / 3600, 70.5))
+    assert paper[('Vim-S', 'none')] == pytest.approx((7 + 46 / 60 + 16 / 3600, 76.9))
+    paper_mem = {(p['model'], p['label']): (p['x'], p['y']) for p in plotted['memory'] if p['source'] == 'paper'}
+    assert paper_mem[('Vim-Ti', 'lower')] == (4741, 62.2) and paper_mem[('Vim-S', 'interleaved')] == (10400, 72.8)
+
+
+def test_tradeoff_plot_without_matplotlib_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    write_summary(tmp_path / 'a', TINY, 'no', 0, 0, 52.0, 80.0, 5400, 3000.0)
+    sys.path.insert(0, os.path.join(REPO, 'scripts'))
+    try:
+        import tradeoff_plot
+    finally:
+        sys.path.remove(os.path.join(REPO, 'scripts'))
+    monkeypatch.setattr(tradeoff_plot, 'Figure', None)
+    with pytest.raises(SystemExit):
+        load_collect().main(['--root', str(tmp_path), '--plot', str(tmp_path / 'p.png')])
+    assert 'error: the trade-off plot needs matplotlib' in capsys.readouterr().err
+    assert not (tmp_path / 'p.png').exists()
 
