@@ -9,8 +9,8 @@ of --image-dir. Rows are images; columns the input, then the chosen fused layers
 spread over the fused ones). In a layer's cell every token that holds two or more patches tints and outlines them
 in one colour; single-patch tokens show the plain image. The strip under it is the token sequence entering that
 layer's mixer, left to right: single-patch tokens in grey, light to dark in raster order (one ramp in order
-"spatial"; in "released" the unfused A tokens come first, then the B tokens that absorbed them), merged tokens in
-their colour, the class token black. The class token holds no patch: a triangle marks where it sits among them.
+"spatial"; in "released" the unfused A tokens first, then all B tokens, among them the merged ones), merged tokens
+in their colour, the class token black. The class token holds no patch: a triangle marks where it sits among them.
 """
 import argparse
 import colorsys
@@ -36,7 +36,7 @@ except ImportError:
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 # Layout in pixels (the PNG is exactly this big: no tight bounding box): per row a title line, the image, the
-# sequence strip and a gap; a header line on top.
+# sequence strip and a gap; a header (model, fusion, weights, key) on top.
 DPI = 100
 CELL, PAD, TITLE, STRIP, GAP, HEADER = 200, 6, 22, 14, 10, 46
 ROW = TITLE + CELL + STRIP + GAP
@@ -48,7 +48,7 @@ def grid_size(rows, cols):
 
 
 class VisualizeError(Exception):
-    pass
+    """Flags, checkpoints or images that cannot make a picture; reported in one line."""
 
 
 def default_layers(fused, count=4):
