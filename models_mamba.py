@@ -8,6 +8,8 @@ Parameter names and shapes are Vim's, so an official Vim checkpoint's "model" di
 Layer i (of 24, run one after another) with residual stream r and hidden h:
     r = h_embedded (i = 0) or r + drop_path(h);  h = RMSNorm(r);  [fuse tokens of h and r];  h = mixer(h)
 then logits = head(RMSNorm(r + drop_path(h))[class token]). The mixer is bimamba v2 (ssm_ops.py).
+model(x, sources) with a list also appends the fusion's source map after every layer to it (which input tokens
+each token holds, token_fusion.compose_source); scripts/visualize_fusion.py draws them.
 """
 import math
 
@@ -125,15 +127,15 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.fusion_r, self.fusion_order, self.fusion_mode = fusion_r, fusion_order, fusion_mode
 
-    def forward(self, hidden, residual, cls_index, size):
+    def forward(self, hidden, residual, cls_index, size, source=None):
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         # as Vim (residual_in_fp32): the residual stream stays float32, the normalised stream takes the mixer
         # output's dtype (bfloat16 / float16 under autocast), which is what the fusion then moves around
         hidden = self.norm(residual).to(hidden.dtype)
         if self.fusion_r:
-            hidden, residual, cls_index, size = token_fusion.fuse(
-                hidden, residual, self.fusion_r, cls_index, size, self.fusion_order, self.fusion_mode)
-        return self.mixer(hidden), residual, cls_index, size
+            hidden, residual, cls_index, size, source = token_fusion.fuse(
+                hidden, residual, self.fusion_r, cls_index, size, self.fusion_order, self.fusion_mode, source)
+        return self.mixer(hidden), residual, cls_index, size, source
 
 
 class VisionMamba(nn.Module):
@@ -211,20 +213,27 @@ class VisionMamba(nn.Module):
             "token_layer_fraction": sum(self.tokens_per_layer) / (tokens * self.depth),
         }
 
-    def forward_features(self, x):
+    def forward_features(self, x, sources=None):
+        """(B, 3, H, W) -> (B, D) class-token features. With a list as ``sources``, the fusion's source map after
+        each layer is appended to it: depth (B, M + 1) long tensors, [i][b, t] = the token (index in layer i's
+        mixer input) holding token t of the embedded sequence (M patches in raster order, the class token at
+        cls_index_init). Without it nothing is tracked and the computation is unchanged."""
         x = self.patch_embed(x)
         i = self.cls_index_init
         x = torch.cat([x[:, :i], self.cls_token.expand(x.shape[0], -1, -1), x[:, i:]], dim=1)
         hidden, residual, cls_index, size = self.pos_drop(x + self.pos_embed), None, i, None
+        source = None if sources is None else token_fusion.identity_source(*x.shape[:2], x.device)
         for layer in self.layers:
-            hidden, residual, cls_index, size = layer(hidden, residual, cls_index, size)
+            hidden, residual, cls_index, size, source = layer(hidden, residual, cls_index, size, source)
+            if sources is not None:
+                sources.append(source)
         hidden = self.norm_f(residual + self.drop_path(hidden))
         if isinstance(cls_index, int):
             return hidden[:, cls_index]
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), cls_index]
 
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+    def forward(self, x, sources=None):
+        return self.head(self.forward_features(x, sources))
 
 
 def _create(pretrained, kwargs, **arch):

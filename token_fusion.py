@@ -14,6 +14,8 @@ residual stream:
 
 The class token is never fused, wherever it sits; its index after fusion is returned so the model can read
 it out. The index is a Python int while it is the same for the whole batch, else a (B,) long tensor.
+On request fuse also carries a source map (ToMe's source trace, held as one group id per input token):
+source[b, t] = the token that holds input token t now; each fusion composes it with its own map.
 On CUDA the merge (step 3) runs as kernels_triton's merge_rows / gather_rows, and in the paper's setting (order
 "released", mode "mean", up to 256 tokens) steps 1-2 and the fusion map are kernels_triton.fusion_map; elsewhere
 all is torch ops.
@@ -201,13 +203,15 @@ def merged_size(keep, src, dst_out, size=None):
     return size.gather(1, keep[..., None]).scatter_add_(1, dst_out[..., None], size.gather(1, src[..., None]))
 
 
-def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="mean"):
+def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="mean", source=None):
     """One Famba-V fusion step on both streams.
 
     hidden: (B, T, C) normalised hidden states (also the similarity metric); residual: (B, T, C) residual
     stream; r: tokens to remove (<= (T - 1) // 2); cls_index: class-token position (int, (B,) tensor or None);
-    size: (B, T, 1) token sizes for mode="size" (None = all ones).
-    Returns (hidden, residual, cls_index, size), each stream (B, T - r, C); size is None for mode="mean".
+    size: (B, T, 1) token sizes for mode="size" (None = all ones); source: None (not tracked) or the (B, T_in)
+    source map of the tokens entering this step (identity_source for the first).
+    Returns (hidden, residual, cls_index, size, source), each stream (B, T - r, C); size is None for mode="mean",
+    source is None when not tracked, else the (B, T_in) map composed with this step's (compose_source).
     """
     if mode not in MODES:
         raise ValueError(f"fusion mode must be one of {MODES}, got {mode!r}")
@@ -218,11 +222,31 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     if (r and mode == "mean" and order == "released" and _use_kernels(hidden)  # the paper's setting: one kernel
             and num_tokens <= kernels_triton.FUSION_MAP_MAX_TOKENS):
         src, keep, dst_out, dest, weight, cls_out = kernels_triton.fusion_map(hidden, r, cls_index)
-        return (*_MergeRows.apply(keep, src, dst_out, dest, weight, hidden, residual), cls_out, None)
+        return (*_MergeRows.apply(keep, src, dst_out, dest, weight, hidden, residual), cls_out, None,
+                compose_source(source, dest))
     src, dst, kept_a = bipartite_soft_matching(hidden, r, cls_index)
     keep, dst_out, dest, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)
     if mode == "size" and size is None:
         size = torch.ones(hidden.shape[:2] + (1,), device=hidden.device, dtype=torch.float32)
     (hidden, residual), new_size = merge((hidden, residual), src, keep, dst_out, dest,
                                          size if mode == "size" else None)
-    return hidden, residual, cls_out, (new_size if mode == "size" else None)
+    return hidden, residual, cls_out, (new_size if mode == "size" else None), compose_source(source, dest)
+
+
+# ----------------------------------------------------------------------------- source tracking
+
+def identity_source(batch, num_tokens, device=None):
+    """(B, T) source map of an unfused sequence: token t holds input token t (the class token included)."""
+    return torch.arange(num_tokens, device=device).expand(batch, -1)
+
+
+def compose_source(source, dest):
+    """source (B, T_in): index of the token holding each input token before a fusion step; dest (B, T): output
+    index of each of that step's T input tokens. Returns (B, T_in), the holder after the step (None stays None:
+    tracking off costs one Python test)."""
+    return None if source is None else dest.gather(1, source)
+
+
+def source_matrix(source, num_tokens):
+    """(B, T_in) source map -> (B, num_tokens, T_in) 0/1 float map: [b, j, t] = 1 iff token j holds input t."""
+    return torch.nn.functional.one_hot(source, num_tokens).transpose(1, 2).float()

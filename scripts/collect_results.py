@@ -166,6 +166,8 @@ def main(argv=None):
     parser.add_argument('--root', help='use every sub-folder of ROOT that holds a summary.json')
     parser.add_argument('--metric', choices=['best', 'final'], default='best',
                         help='best: highest top-1/top-5 over the epochs (DeiT "Max accuracy"); final: last epoch')
+    parser.add_argument('--plot', metavar='FILE.png', help='also draw the accuracy-efficiency trade-off '
+                        '(scripts/tradeoff_plot.py; FILE.json beside it lists the plotted points)')
     args = parser.parse_args(argv)
     folders = list(args.folders)
     if args.root:
@@ -174,6 +176,17 @@ def main(argv=None):
     if not runs:
         parser.error('no summary.json found in the given folders')
     print(make_table(runs, args.metric))
+    if args.plot:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import tradeoff_plot
+        try:
+            tradeoff_plot.plot_tradeoff([{'model': model_label(r['model']), 'label': strategy_label(r),
+                                          'top1': r['summary'][f'{args.metric}_acc1'],
+                                          'total_time_s': r['summary']['total_time_s'],
+                                          'max_peak_mem_mib': r['summary'].get('max_peak_mem_mib')} for r in runs],
+                                        args.plot)
+        except ImportError as e:
+            parser.error(str(e))
 
 
 if __name__ == '__main__':

@@ -296,7 +296,7 @@ def test_fuse_through_the_kernels_equals_the_torch_merge(monkeypatch, mode):
     for kernels in (False, True):
         monkeypatch.setattr(token_fusion, "_use_kernels", lambda x, on=kernels: on)
         h, r = (t.clone().to(DEVICE).requires_grad_() for t in (hidden, residual))
-        out_h, out_r, cls, _ = token_fusion.fuse(h, r, 7, 10, None if size is None else size.to(DEVICE), mode=mode)
+        out_h, out_r, cls, _, _ = token_fusion.fuse(h, r, 7, 10, None if size is None else size.to(DEVICE), mode=mode)
         grads = torch.autograd.grad((out_h * w1.to(DEVICE)).sum() + (out_r * w2.to(DEVICE)).sum(), (h, r))
         results.append([t.detach().cpu() for t in (out_h, out_r, *grads)])
     for a, b in zip(*results):
@@ -356,3 +356,49 @@ def test_fuse_uses_fusion_map_up_to_its_token_limit_and_torch_beyond(monkeypatch
         for a, b in zip(*results):
             assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-6, atol=1e-6)
     assert calls == [kt.FUSION_MAP_MAX_TOKENS]
+
+
+@pytest.mark.parametrize("order", ["released", "spatial"])
+@pytest.mark.parametrize("case", ["head", "middle"])
+def test_source_map_through_the_kernels_is_the_hand_worked_one(monkeypatch, case, order):
+    """test_token_fusion's two-layer source-map examples with the fusion on kernels_triton (fusion_map's dest in
+    order "released", the Triton merge in both): the same groups after each layer."""
+    import token_fusion
+    from test_token_fusion import TRACE_CASES, held
+    monkeypatch.setattr(token_fusion, "_use_kernels", lambda x: True)
+    cls, layer1, table = TRACE_CASES[case]
+    layer2, groups1, groups2, (c1, c2) = table[order]
+    on = lambda rows: torch.tensor([rows], device=DEVICE)  # noqa: E731  (exact in float32)
+    source = token_fusion.identity_source(1, 9, DEVICE)
+    residual = torch.randn(1, 9, 4).to(DEVICE)
+    _, res1, cls1, _, source1 = token_fusion.fuse(on(layer1), residual, 2, cls, order=order, source=source)
+    _, _, cls2, _, source2 = token_fusion.fuse(on(layer2), res1, 2, cls1, order=order, source=source1)
+    assert held(source1[0].cpu(), 7) == groups1 and held(source2[0].cpu(), 5) == groups2
+    assert [int(torch.as_tensor(c).view(-1)[0]) for c in (cls1, cls2)] == [c1, c2]
+
+
+@pytest.mark.parametrize("cls_position, order", [("head", "released"), ("middle", "released"), ("middle", "spatial")])
+def test_model_source_maps_with_kernel_fusion_equal_the_torch_path(monkeypatch, cls_position, order):
+    """A tiny Vim's per-layer source maps with the fusion on kernels_triton (forced on, interpreted on the CPU)
+    equal those of the torch fusion, layer for layer."""
+    import models_mamba
+    import token_fusion
+    torch.manual_seed(0)
+    model = models_mamba.VisionMamba(img_size=32, patch_size=8, depth=4, embed_dim=16, d_state=4, num_classes=5,
+                                     drop_path_rate=0.0, ssm_backend="torch", cls_position=cls_position,
+                                     fusion_strategy="all", fusion_token=3, fusion_order=order).eval().to(DEVICE)
+    images = torch.randn(3, 3, 32, 32).to(DEVICE)
+    calls, real = [], kt.fusion_map
+    monkeypatch.setattr(kt, "fusion_map", lambda *a: calls.append(1) or real(*a))
+    maps = []
+    for kernels in (True, False):
+        monkeypatch.setattr(token_fusion, "_use_kernels", lambda x, on=kernels: on)
+        sources = []
+        with torch.no_grad():
+            model(images, sources)
+        maps.append(sources)
+    assert [s.shape for s in maps[0]] == [(3, 17)] * 4
+    for layer, (a, b) in enumerate(zip(*maps)):
+        assert torch.equal(a.cpu(), b.cpu()), layer
+    assert int(maps[0][-1].max()) + 1 == 17 - 4 * 3
+    assert len(calls) == (4 if order == "released" else 0)  # the kernel matching ran in each fused layer

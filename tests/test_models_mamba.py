@@ -454,6 +454,39 @@ def test_fusion_summary_vim_ti(strategy, layer, token, removed, fraction, fused_
     assert s["tokens_per_layer"] == want
 
 
+@pytest.mark.parametrize("cls_position", ["head", "middle"])
+@pytest.mark.parametrize("order", ["released", "spatial"])
+def test_source_maps_hold_the_groups_the_model_averaged(cls_position, order):
+    """With every mixer's out_proj zeroed the residual stream is only ever fused, so in size mode the final norm's
+    input row j is the plain mean of the embedded tokens that the last source map assigns to j; the class token
+    holds only itself and is the row read out. Tracking leaves the logits bit for bit as they were."""
+    model = tiny(seed=2, cls_position=cls_position, fusion_strategy="interleaved", fusion_token=3,
+                 fusion_order=order, fusion_mode="size").double().eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mixer.out_proj.weight.zero_()
+    seen = {}
+    model.layers[0].register_forward_pre_hook(lambda mod, args: seen.update(embedded=args[0]))
+    model.norm_f.register_forward_hook(lambda mod, inp, out: seen.update(final=inp[0], out=out))
+    model.head.register_forward_hook(lambda mod, inp, out: seen.update(feat=inp[0]))
+    images = torch.randn(3, 3, 32, 32, dtype=F64)
+    assert torch.equal(model(images, []), model(images))
+    sources = []
+    model(images, sources)
+    assert len(sources) == 4 and all(s.shape == (3, 17) for s in sources)
+    assert torch.equal(sources[0], torch.arange(17).expand(3, -1)) and torch.equal(sources[2], sources[1])
+    final, cls_init = sources[-1], model.cls_index_init
+    assert [int(s.max()) + 1 for s in sources] == model.tokens_per_layer == [17, 14, 14, 11]
+    for b in range(3):
+        groups = [[t for t in range(17) if final[b, t] == j] for j in range(11)]
+        assert sorted(t for g in groups for t in g) == list(range(17))
+        want = torch.stack([seen["embedded"][b, g].mean(0) for g in groups])
+        assert torch.allclose(seen["final"][b], want, rtol=0, atol=1e-12)
+        cls_out = int(final[b, cls_init])
+        assert groups[cls_out] == [cls_init]
+        assert torch.equal(seen["feat"][b], seen["out"][b, cls_out])
+
+
 def test_capped_schedule_in_model_forward():
     """17 tokens, fusion_token 100 in all 4 layers: capped at (t - 1) // 2 -> removes 8, 4, 2, 1 and the mixers
     see 9, 5, 3, 2 tokens."""

@@ -133,7 +133,7 @@ def apply_groups(x, groups, weights=None):
 def test_fuse_hand_worked(name, tokens, cls, r, order, expected, groups, cls_expected):
     hidden = t64([tokens])
     residual = torch.randn(1, len(tokens), len(tokens[0]), dtype=F64)  # the map must not depend on its values
-    h, res, cls_out, size = token_fusion.fuse(hidden, residual, r, cls, order=order)
+    h, res, cls_out, size, _ = token_fusion.fuse(hidden, residual, r, cls, order=order)
     assert h.dtype == F64 and size is None
     assert h.shape == (1, len(tokens) - r, hidden.shape[-1])
     assert torch.allclose(h[0], t64(expected), rtol=0, atol=1e-12)
@@ -147,7 +147,7 @@ def test_fuse_hand_worked(name, tokens, cls, r, order, expected, groups, cls_exp
 def test_fuse_head_class_token_is_python_int_zero():
     hidden = t64([EX1] * 2)
     for order in ("released", "spatial"):
-        _, _, cls_out, _ = token_fusion.fuse(hidden, hidden.clone(), 2, 0, order=order)
+        _, _, cls_out, _, _ = token_fusion.fuse(hidden, hidden.clone(), 2, 0, order=order)
         assert cls_out == 0 and isinstance(cls_out, int)
 
 
@@ -155,7 +155,7 @@ def test_fuse_class_token_protection_changes_the_match():
     """Without protection (cls_index=None) example 2's x4 = (0,0,7) is the best match (cos 1 with x5) and is
     fused first; with cls_index=4 it survives and x0 is fused instead."""
     hidden = t64([EX2])
-    h, _, cls_out, _ = token_fusion.fuse(hidden, hidden.clone(), 1, None, order="spatial")
+    h, _, cls_out, _, _ = token_fusion.fuse(hidden, hidden.clone(), 1, None, order="spatial")
     assert cls_out is None
     want = t64([[4., 1., 0.], [2., 0., 0.], [3., 0., 1.], [0., 3., 0.], [0., 0., 4.],
                 [0., 1., 2.], [-1., 0., 0.], [-5., 0., 2.]])
@@ -170,7 +170,7 @@ def test_cap_schedule_hand_worked():
     assert token_fusion.cap_schedule([10], 9, num_protected=0) == ([4], [5])
     # a capped request on the hand example (T = 7 -> at most 3) is exactly the r = 3 case
     removed, _ = token_fusion.cap_schedule([100], 7)
-    h, _, _, _ = token_fusion.fuse(t64([EX1]), t64([EX1]), removed[0], 0)
+    h, _, _, _, _ = token_fusion.fuse(t64([EX1]), t64([EX1]), removed[0], 0)
     assert removed == [3]
     assert torch.allclose(h[0], t64(EX1_EXPECTED[3]["released"][0]), atol=1e-12)
 
@@ -189,10 +189,10 @@ SIZE_EX = [[0., 1.], [1., 0.], [3., 1.], [0., -2.], [-1., 2.]]
 def test_size_mode_accumulates_over_two_fusions():
     hidden = t64([SIZE_EX])
     residual = torch.randn(1, 5, 2, dtype=F64)
-    h1, r1, c1, s1 = token_fusion.fuse(hidden, residual, 1, 0, mode="size")
+    h1, r1, c1, s1, _ = token_fusion.fuse(hidden, residual, 1, 0, mode="size")
     assert torch.allclose(h1[0], t64([[0., 1.], [-1., 2.], [2., 0.5], [0., -2.]]), atol=1e-12)
     assert s1.shape == (1, 4, 1) and s1[0, :, 0].tolist() == [1., 1., 2., 1.]
-    h2, r2, c2, s2 = token_fusion.fuse(h1, r1, 1, c1, s1, mode="size")
+    h2, r2, c2, s2, _ = token_fusion.fuse(h1, r1, 1, c1, s1, mode="size")
     assert torch.allclose(h2[0], t64([[0., 1.], [1., 1.], [0., -2.]]), atol=1e-12)
     assert s2[0, :, 0].tolist() == [1., 3., 1.]
     assert c2 == 0
@@ -210,7 +210,7 @@ def test_size_mode_uses_given_sizes():
     """Example 1, r = 2, with explicit sizes: x5 (size 3) absorbs x6 (size 1); x3 (size 1) absorbs x4 (size 4)."""
     hidden = t64([EX1])
     size = torch.tensor([[[1.], [2.], [1.], [1.], [4.], [3.], [1.]]])
-    h, _, _, s = token_fusion.fuse(hidden, hidden.clone(), 2, 0, size, order="spatial", mode="size")
+    h, _, _, s, _ = token_fusion.fuse(hidden, hidden.clone(), 2, 0, size, order="spatial", mode="size")
     # x3m = (1*(0,2) + 4*(1,3)) / 5 = (0.8, 2.8);  x5m = (3*(-3,0) + 1*(-4,-1)) / 4 = (-3.25, -0.25)
     want = t64([[0., 5.], [4., 0.], [2., 1.], [0.8, 2.8], [-3.25, -0.25]])
     assert torch.allclose(h[0], want, atol=1e-12)
@@ -230,7 +230,7 @@ def test_fuse_gradient_is_the_averaging_matrix(order, mode):
     hidden = t64([tokens]).requires_grad_()
     residual = torch.randn(1, 9, 3, dtype=F64, requires_grad=True)
     size = torch.tensor(sizes).view(1, 9, 1) if mode == "size" else None
-    h, res, _, _ = token_fusion.fuse(hidden, residual, r, cls, size, order=order, mode=mode)
+    h, res, _, _, _ = token_fusion.fuse(hidden, residual, r, cls, size, order=order, mode=mode)
     w1, w2 = torch.randn_like(h), torch.randn_like(res)
     g_h, g_r = torch.autograd.grad((h * w1).sum() + (res * w2).sum(), (hidden, residual))
     merge = torch.zeros(len(groups), 9, dtype=F64)
@@ -250,7 +250,7 @@ def test_fuse_keeps_no_stream_for_backward(mode):
     size = torch.rand(2, 9, 1, dtype=F64) + 1 if mode == "size" else None
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        h, res, _, _ = token_fusion.fuse(hidden, residual, 3, 0, size, mode=mode)
+        h, res, _, _, _ = token_fusion.fuse(hidden, residual, 3, 0, size, mode=mode)
     assert saved and all(t.dtype == torch.long or t.shape[-1] == 1 for t in saved), [t.shape for t in saved]
     assert h.shape == res.shape == (2, 6, 4)
 
@@ -324,7 +324,7 @@ def test_fuse_matches_naive_loop(tokens, r, cls_kind):
            "per-sample": torch.tensor([tokens - 1, 1, tokens // 2])}[cls_kind]
     for order in ("released", "spatial"):
         for mode, sz in (("mean", None), ("size", None), ("size", size)):
-            h, res, cls_out, s = token_fusion.fuse(hidden, residual, r, cls, sz, order=order, mode=mode)
+            h, res, cls_out, s, _ = token_fusion.fuse(hidden, residual, r, cls, sz, order=order, mode=mode)
             nh, nr, ncls, ns = naive_fuse(hidden, residual, r, cls, sz, order, mode)
             case = f"{order} {mode} sizes={sz is not None}"
             assert h.shape == (batch, tokens - r, 6), case
@@ -353,11 +353,112 @@ def test_fuse_refuses_when_class_token_would_be_alone_in_set_b():
         token_fusion.fuse(hidden, hidden.clone(), 1, 1)
     with pytest.raises(ValueError, match="only the class token"):
         token_fusion.fuse(hidden, hidden.clone(), 1, torch.tensor([0]))
-    h, _, cls_out, _ = token_fusion.fuse(hidden, hidden.clone(), 1, 0)  # class token in A: fine
+    h, _, cls_out, _, _ = token_fusion.fuse(hidden, hidden.clone(), 1, 0)  # class token in A: fine
     assert cls_out == 0 and torch.equal(h[0, 0], hidden[0, 0])
     with pytest.raises(ValueError, match="3-token sequence"):
         models_mamba.VisionMamba(img_size=32, patch_size=16, depth=2, cls_position="middle",
                                  fusion_strategy="all", fusion_token=2, fusion_order="spatial")
+
+
+# ----------------------------------------------------------------------------- source tracking
+# Two fused layers (r = 2 each, 9 -> 7 -> 5 tokens). Layer 1's metric is the tokens below; layer 2's is written per
+# output slot of layer 1 (as a mixer would produce it), one table per order. Rows are integer or one-hot, so every
+# cosine is exact and no best scores tie; the class token's own best match ranks second, so it would be fused if it
+# were not protected. Groups list the input positions each output token holds, in output order.
+#
+# Class token at the head (0): x0 = (4,0,0,1) (cos 0.970 with x1), (4,0,1) in layer 2. Layer 1: B = x1 = e1,
+# x3 = e2, x5 = e3, x7 = e4. A best matches: x2 = (3,1,0,0) -> x1 (0.949), x4 = (0,0,2,1) -> x5 (0.894), x6 = e4
+# -> x7 (1.0), x8 = (0,2,0,3) -> x7 (0.832). x6 and x2 fuse:
+#   released [0], [4], [8], [1,2], [3], [5], [6,7];  spatial [0], [1,2], [3], [4], [5], [6,7], [8].
+# Layer 2, released (A = slots 0,2,4,6; B = 1,3,5): slot 2 = e3 -> slot 5 (1.0), slot 6 = (0,3,1) -> slot 1 (0.949),
+#   slot 4 = (1,0,2) -> slot 5 (0.894): slots 2 and 6 fuse -> [0], [3], [4,6,7], [1,2], [5,8].
+# Layer 2, spatial: slot 2 = e3 -> slot 5 (1.0), slot 4 = (0,3,1) -> slot 3 (0.949), slot 6 = (1,0,2) -> slot 5
+#   (0.894): slots 2 and 4 fuse -> [0], [1,2], [4,5], [3,6,7], [8].
+E4 = [[1., 0., 0., 0.], [0., 1., 0., 0.], [0., 0., 1., 0.], [0., 0., 0., 1.]]
+HEAD_L1 = [[4., 0., 0., 1.], E4[0], [3., 1., 0., 0.], E4[1], [0., 0., 2., 1.], E4[2], E4[3], E4[3], [0., 2., 0., 3.]]
+# Class token in the middle (4 = M//2 of 8 patches), x4 = (0,0,4,1) (cos 0.970 with x5). Layer 1: x0 = (3,1,0,0)
+# -> x1 (0.949), x2 = (1,0,0,2) -> x7 (0.894), x6 = e4 -> x7 (1.0), x8 = (0,2,0,3) -> x7 (0.832). x6 and x0 fuse:
+#   released [2], [4], [8], [0,1], [3], [5], [6,7] (class token at 1, a B slot);
+#   spatial [0,1], [2], [3], [4], [5], [6,7], [8] (class token at 3, a B slot).
+# Layer 2, released (the class slot 1 = e1 is masked as a partner; slot 0 = (5,1,0) has cos 0.981 with it):
+#   slot 0 -> slot 3 (0.196), slot 2 = e3 -> slot 5 (1.0), slot 4 = (0,3,1) -> slot 3 (0.949), slot 6 = (0,1,2)
+#   -> slot 5 (0.894): slots 2 and 4 fuse -> [2], [6,7], [4], [0,1,3], [5,8].
+# Layer 2, spatial (the class slot 3 = e2 is masked; slot 0 = (1,5,0) has cos 0.981 with it): slot 0 -> slot 1
+#   (0.196), slot 2 = e3 -> slot 5 (1.0), slot 4 = (3,0,1) -> slot 1 (0.949), slot 6 = (1,0,2) -> slot 5 (0.894):
+#   slots 2 and 4 fuse -> [0,1], [2,5], [4], [3,6,7], [8].
+MID_L1 = [[3., 1., 0., 0.], E4[0], [1., 0., 0., 2.], E4[1], [0., 0., 4., 1.], E4[2], E4[3], E4[3], [0., 2., 0., 3.]]
+E3 = [[1., 0., 0.], [0., 1., 0.], [0., 0., 1.]]
+TRACE_CASES = {  # name -> (class position, layer-1 metric, {order: (layer-2 metric, groups after 1, after 2, cls)})
+    "head": (0, HEAD_L1, {
+        "released": ([[4., 0., 1.], E3[1], E3[2], E3[0], [1., 0., 2.], E3[2], [0., 3., 1.]],
+                     [[0], [4], [8], [1, 2], [3], [5], [6, 7]], [[0], [3], [4, 6, 7], [1, 2], [5, 8]], (0, 0)),
+        "spatial": ([[4., 0., 1.], E3[0], E3[2], E3[1], [0., 3., 1.], E3[2], [1., 0., 2.]],
+                    [[0], [1, 2], [3], [4], [5], [6, 7], [8]], [[0], [1, 2], [4, 5], [3, 6, 7], [8]], (0, 0))}),
+    "middle": (4, MID_L1, {
+        "released": ([[5., 1., 0.], E3[0], E3[2], E3[1], [0., 3., 1.], E3[2], [0., 1., 2.]],
+                     [[2], [4], [8], [0, 1], [3], [5], [6, 7]], [[2], [6, 7], [4], [0, 1, 3], [5, 8]], (1, 2)),
+        "spatial": ([[1., 5., 0.], E3[0], E3[2], E3[1], [3., 0., 1.], E3[2], [1., 0., 2.]],
+                    [[0, 1], [2], [3], [4], [5], [6, 7], [8]], [[0, 1], [2, 5], [4], [3, 6, 7], [8]], (3, 2))}),
+}
+
+
+def held(source, num_tokens):
+    """(T_in,) source map -> for each of num_tokens output tokens, the input positions it holds (plain loop)."""
+    groups = [[] for _ in range(num_tokens)]
+    for t, j in enumerate(source.tolist()):
+        groups[j].append(t)
+    return groups
+
+
+@pytest.mark.parametrize("mode", ["mean", "size"])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", ["head", "middle", "batched"])
+def test_source_map_after_two_fused_layers_hand_worked(case, order, mode):
+    """The composed source map names exactly the hand-worked groups after each of two fused layers; every input
+    token is held by one output token, the class token only by itself. In size mode the residual after both
+    steps is then the plain mean of each group's input rows, and the sizes are the group sizes."""
+    names = ["head", "middle"] if case == "batched" else [case]
+    cls = [TRACE_CASES[n][0] for n in names]
+    layer1 = t64([TRACE_CASES[n][1] for n in names])
+    layer2 = t64([TRACE_CASES[n][2][order][0] for n in names])
+    cls_index = cls[0] if case != "batched" else torch.tensor(cls)  # per-sample positions take the tensor path
+    residual = torch.randn(len(names), 9, 5, dtype=F64)
+    source = token_fusion.identity_source(len(names), 9)
+    assert source.tolist() == [list(range(9))] * len(names)
+    _, res1, cls1, size1, source1 = token_fusion.fuse(layer1, residual, 2, cls_index, order=order, mode=mode,
+                                                      source=source)
+    _, res2, cls2, size2, source2 = token_fusion.fuse(layer2, res1, 2, cls1, size1, order=order, mode=mode,
+                                                      source=source1)
+    for b, name in enumerate(names):
+        _, _, table = TRACE_CASES[name]
+        _, groups1, groups2, (c1, c2) = table[order]
+        assert held(source1[b], 7) == groups1
+        assert held(source2[b], 5) == groups2
+        assert cls_list(cls1, len(names))[b] == c1 and cls_list(cls2, len(names))[b] == c2
+        assert groups2[c2] == [cls[b]]  # the class token, tracked as itself
+        if mode == "size":
+            assert size2[b, :, 0].tolist() == [len(g) for g in groups2]
+            assert torch.allclose(res2[b], apply_groups(residual[b], groups2), rtol=0, atol=1e-12)
+    matrix = token_fusion.source_matrix(source2, 5)
+    assert matrix.shape == (len(names), 5, 9)
+    assert torch.equal(matrix.sum(1), torch.ones(len(names), 9))  # no input token lost or held twice
+    assert (matrix.sum(2) >= 1).all()
+
+
+def test_source_map_is_not_tracked_unless_asked():
+    hidden = t64([HEAD_L1])
+    assert token_fusion.fuse(hidden, hidden.clone(), 2, 0)[4] is None
+    assert token_fusion.compose_source(None, torch.zeros(1, 9, dtype=torch.long)) is None
+
+
+@pytest.mark.parametrize("name", ["head", "middle"])
+def test_source_map_hand_cases_need_the_class_token_protection(name):
+    """Unprotected, the class token of each layer-1 example would be fused (its best score ranks second)."""
+    cls, layer1, _ = TRACE_CASES[name]
+    hidden = t64([layer1])
+    *_, source = token_fusion.fuse(hidden, hidden.clone(), 2, None, source=token_fusion.identity_source(1, 9))
+    partner = {"head": 1, "middle": 5}[name]
+    assert int(source[0, cls]) == int(source[0, partner])
 
 
 # ----------------------------------------------------------------------------- validation

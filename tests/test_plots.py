@@ -1,0 +1,154 @@
+"""The pictures: scripts/visualize_fusion.py (patches held by each token) and the trade-off plot of
+scripts/collect_results.py --plot (scripts/tradeoff_plot.py)."""
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline_helpers import QUIET, REPO, TINY_MODEL, write_cifar100
+from test_scripts import SMALL, TINY, load_collect, write_summary
+from test_token_fusion import held
+
+pytest.importorskip('matplotlib')
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'scripts', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------- visualize_fusion.py
+
+def test_visualize_fusion_draws_each_patch_in_the_colour_of_its_token(tmp_path):
+    """Tiny random Vim (16 patches of 8 px + a head class token; 3 tokens fused in each of 4 layers: 14, 11, 8, 5
+    tokens) on three CIFAR-format images. The PNG is 5 columns of 212 px by a 46 px header and 3 rows of 246 px;
+    in each layer's cell a single-patch token shows the image's own pixels and a merged one the 45/55 blend with
+    its colour, and the strip below shows the tokens in order, the class token (first in order "released") black."""
+    write_cifar100(tmp_path / 'cifar-100-python', n_train=4, n_test=3)
+    out = tmp_path / 'grid.png'
+    vf = load_script('visualize_fusion')
+    args = vf.get_args_parser().parse_args(
+        [str(a) for a in TINY_MODEL + QUIET] + ['--data-set', 'CIFAR', '--data-path', str(tmp_path),
+                                                '--fusion-strategy', 'all', '--fusion-token', '3', '--images', '3',
+                                                '--output', str(out)])
+    vf.run(args)
+    png = np.asarray(Image.open(out)).astype(float)
+    assert png.shape == (46 + 3 * 246, 5 * 212, 3)
+
+    model, origin = vf.build(args)  # the same seed: the same random model, to know its groups
+    assert origin.startswith('RANDOM INIT')
+    images, _ = vf.load_images(args, 3)
+    sources = []
+    with torch.no_grad():
+        model(images, sources)
+    with open(tmp_path / 'cifar-100-python' / 'test', 'rb') as f:
+        pixels = pickle.load(f, encoding='latin1')['data'].reshape(3, 3, 32, 32).transpose(0, 2, 3, 1) / 255
+    step = 200 / 32  # display pixels per image pixel
+    for row in range(3):
+        top = 46 + row * 246 + 22
+        for col, layer in enumerate(range(4), start=1):
+            left = col * 212 + 6
+            groups = held(sources[layer][row], model.tokens_per_layer[layer])
+            patch_groups = {p: g for g in groups for p in g}  # embedded position -> its token's group
+            for p in range(16):
+                gy, gx = divmod(p, 4)
+                y, x = gy * 8 + 5, gx * 8 + 5  # inside the patch, clear of outlines and the class marker
+                want = pixels[row, y, x]
+                group = patch_groups[p + 1]  # position 0 is the class token
+                if len(group) > 1:
+                    want = 0.45 * want + 0.55 * vf.group_colour(min(group) - 1)
+                got = png[int(top + (y + 0.5) * step), int(left + (x + 0.5) * step)] / 255
+                assert np.abs(got - want).max() < 3 / 255, (row, layer, p)
+            width = 200 / len(groups)
+            for j, group in enumerate(groups):
+                got = png[top + 200 + 2 + 5, int(left + (j + 0.5) * width)] / 255
+                if j == 0:
+                    assert group == [0] and got.max() < 3 / 255
+                elif len(group) > 1:
+                    assert np.abs(got - vf.group_colour(min(group) - 1)).max() < 3 / 255
+                else:
+                    assert np.abs(got - (0.92 - 0.62 * (group[0] - 1) / 15)).max() < 3 / 255
+        # the input column shows the image itself and has no strip
+        got = png[int(top + 16.5 * step), int(6 + 20.5 * step)] / 255
+        assert np.abs(got - pixels[row, 16, 20]).max() < 3 / 255
+        assert (png[top + 200 + 2:top + 200 + 12, 6:206] == 255).all()
+
+
+def test_visualize_fusion_errors_are_one_line(tmp_path):
+    script = os.path.join(REPO, 'scripts', 'visualize_fusion.py')
+    base = [str(a) for a in TINY_MODEL + QUIET] + ['--output', str(tmp_path / 'x.png'), '--image-dir', str(tmp_path)]
+    no_matplotlib = ('import runpy, sys; sys.modules["matplotlib"] = None; '
+                     f'sys.argv = {["visualize_fusion.py"] + base!r}; runpy.run_path({script!r}, run_name="__main__")')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    for cmd, message in (
+            ([sys.executable, '-c', no_matplotlib], 'matplotlib is needed'),
+            ([sys.executable, script] + base + ['--fusion-strategy', 'upper', '--fusion-layer', '1',
+                                                '--fusion-token', '2', '--layers', '1', '3'],
+             'not all are fused layers; these fuse: 2 3'),
+            ([sys.executable, script] + base + ['--fusion-strategy', 'all', '--fusion-token', '2'],
+             'no image files')):
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+        assert proc.stderr.startswith('visualize_fusion.py: error: ') and message in proc.stderr, proc.stderr
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_visualize_fusion_default_layers_spread_over_the_fused_ones():
+    vf = load_script('visualize_fusion')
+    assert vf.default_layers(list(range(5, 24))) == [5, 11, 17, 23]  # upper L4: 19 fused layers, every 6th
+    assert vf.default_layers(list(range(1, 24, 2))) == [1, 9, 15, 23]  # interleaved: positions 0, 3.67, 7.33, 11
+    assert vf.default_layers([2, 3]) == [2, 3]
+
+
+# ----------------------------------------------------------------------------- trade-off plot
+
+def test_tradeoff_plot_points_are_the_summaries_and_the_papers(tmp_path, capsys):
+    """collect_results --plot: every run is one point per panel at (hours or MiB, top-1) straight from its
+    summary.json (a run without a memory figure only in the time panel), and each model of the paper's Table 1
+    gets its five hollow points; the JSON beside the PNG is read back from the figure's lines."""
+    write_summary(tmp_path / 'a', TINY, 'no', 0, 0, 52.25, 80.0, 5400, 3000.5)
+    write_summary(tmp_path / 'b', TINY, 'upper', 4, 8, 50.5, 79.0, 4000, 2100.0)
+    write_summary(tmp_path / 'c', SMALL, 'lower', 19, 9, 44.0, 70.0, 7200, None)
+    png = tmp_path / 'plot' / 'tradeoff.png'
+    load_collect().main(['--root', str(tmp_path), '--plot', str(png)])
+    capsys.readouterr()
+    assert Image.open(png).size[0] > 0
+    with open(tmp_path / 'plot' / 'tradeoff.json') as f:
+        plotted = json.load(f)
+    runs = lambda panel: sorted((p['model'], p['label'], p['x'], p['y'])  # noqa: E731
+                                for p in plotted[panel] if p['source'] == 'run')
+    assert runs('time') == [('Vim-S', 'lower (L=19, r=9)', 2.0, 44.0), ('Vim-Ti', 'none', 1.5, 52.25),
+                            ('Vim-Ti', 'upper (L=4, r=8)', 4000 / 3600, 50.5)]
+    assert runs('memory') == [('Vim-Ti', 'none', 3000.5, 52.25), ('Vim-Ti', 'upper (L=4, r=8)', 2100.0, 50.5)]
+    paper = {(p['model'], p['label']): (p['x'], p['y']) for p in plotted['time'] if p['source'] == 'paper'}
+    assert len(paper) == 10
+    assert paper[('Vim-Ti', 'upper')] == pytest.approx((4 + 8 / 60 + 40 / 3600, 70.5))
+    assert paper[('Vim-S', 'none')] == pytest.approx((7 + 46 / 60 + 16 / 3600, 76.9))
+    paper_mem = {(p['model'], p['label']): (p['x'], p['y']) for p in plotted['memory'] if p['source'] == 'paper'}
+    assert paper_mem[('Vim-Ti', 'lower')] == (4741, 62.2) and paper_mem[('Vim-S', 'interleaved')] == (10400, 72.8)
+
+
+def test_tradeoff_plot_without_matplotlib_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    write_summary(tmp_path / 'a', TINY, 'no', 0, 0, 52.0, 80.0, 5400, 3000.0)
+    sys.path.insert(0, os.path.join(REPO, 'scripts'))
+    try:
+        import tradeoff_plot
+    finally:
+        sys.path.remove(os.path.join(REPO, 'scripts'))
+    monkeypatch.setattr(tradeoff_plot, 'Figure', None)
+    with pytest.raises(SystemExit):
+        load_collect().main(['--root', str(tmp_path), '--plot', str(tmp_path / 'p.png')])
+    assert 'error: the trade-off plot needs matplotlib' in capsys.readouterr().err
+    assert not (tmp_path / 'p.png').exists()
+
