@@ -241,8 +241,9 @@ def build_loaders(args, dataset_train, dataset_val, device):
         else:
             sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
                                                                 shuffle=True, seed=args.seed)
-    else:
-        sampler_train = torch.utils.data.RandomSampler(dataset_train)
+    else:  # shuffled with its own seed and the epoch (not the global generator), as the samplers above
+        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=1, rank=0, shuffle=True,
+                                                            seed=args.seed)
     if args.distributed and args.dist_eval:
         sampler_val = samplers.DistributedEvalSampler(dataset_val, num_replicas=world, rank=rank)
     else:
@@ -255,14 +256,14 @@ def build_loaders(args, dataset_train, dataset_val, device):
     loader_train = torch.utils.data.DataLoader(
         samplers.EpochSeededDataset(dataset_train, args.seed, rank), sampler=sampler_train,
         batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin, drop_last=True,
-        persistent_workers=persist)
+        persistent_workers=persist, generator=torch.Generator())  # base seeds not from the global generator
     loader_val = torch.utils.data.DataLoader(
         dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), num_workers=args.num_workers,
         pin_memory=pin, drop_last=False, persistent_workers=persist)
     if len(loader_train) == 0:
         raise UsageError(f'the training set ({len(dataset_train)} images over {world} process(es)) is smaller '
                          f'than one batch of {args.batch_size}')
-    return sampler_train, loader_train, loader_val
+    return loader_train, loader_val
 
 
 def evaluate_all(args, loader_val, model_without_ddp, model_ema, device, amp_dtype):
@@ -621,7 +622,7 @@ def main(args):
     utils.seed_everything(args.seed)
     dataset_train, nb_classes = datasets.build_dataset(True, args)
     dataset_val, _ = datasets.build_dataset(False, args)
-    sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, device)
+    loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, device)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
@@ -707,14 +708,14 @@ def main(args):
     # best so far: from the history; a checkpoint without one (older main.py, no log) has its maxima
     max_acc1, max_acc5 = (max((e[k] for e in history), default=float('-inf') if state[m] is None else state[m])
                           for k, m in (('test_acc1', 'max_acc1'), ('test_acc5', 'max_acc5')))
+    epoch_batches = samplers.EpochBatches(loader_train)
     for epoch in range(state['start_epoch'], args.epochs):
         utils.seed_everything(args.seed, epoch, utils.get_rank())
-        if hasattr(sampler_train, 'set_epoch'):
-            sampler_train.set_epoch(epoch)
+        batches = epoch_batches(epoch)
         lr_scheduler.step(epoch)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        train_stats = engine.train_one_epoch(model, step, loader_train, optimizer, device, epoch,
+        train_stats = engine.train_one_epoch(model, step, batches, optimizer, device, epoch,
                                              mixup_fn=mixup_fn, model_ema=model_ema,
                                              print_freq=args.print_freq, if_continue_inf=args.if_continue_inf,
                                              lr_scheduler=lr_scheduler if args.sched_on_updates else None,
@@ -731,6 +732,8 @@ def main(args):
             log['train_peak_mem_mib'] = peak
             peaks.append(peak)
 
+        if args.num_workers and epoch + 1 < args.epochs:
+            epoch_batches.start(epoch + 1)  # the workers load the next epoch's first batches during evaluation
         eval_start = time.time()
         test_stats = evaluate_all(args, loader_val, model_without_ddp, model_ema, device, amp_dtype)
         log.update(test_stats)

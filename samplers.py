@@ -94,7 +94,8 @@ class EpochSampler(Sampler):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        return ((self.epoch, index) for index in self.sampler)
+        epoch = self.epoch  # now: the loader may start the next epoch's iterator before this one's last batch
+        return ((epoch, index) for index in self.sampler)
 
     def __len__(self):
         return len(self.sampler)
@@ -119,3 +120,36 @@ class EpochSeededDataset(torch.utils.data.Dataset):
             utils.seed_everything(self.seed, epoch, self.rank, worker.id)
             self.seeded_epoch = epoch
         return self.dataset[index]
+
+
+class EpochBatches:
+    """One epoch's batches of a loader over an ``EpochSampler``, with ``len``; ``start(epoch)`` begins that
+    epoch's iterator early, so that persistent workers load its first batches while the previous epoch is
+    evaluated (otherwise every epoch opens with the workers' pipeline fill, seconds with many workers).
+
+    Nothing here draws from the global random generators: the sampler shuffles with its own seed and epoch, the
+    loader takes its base seeds from its own generator and the workers reseed per epoch, so starting early
+    changes no random draw."""
+
+    def __init__(self, loader):
+        self.loader, self.started = loader, {}
+
+    def start(self, epoch):
+        if epoch not in self.started:
+            self.loader.sampler.set_epoch(epoch)
+            self.started = {epoch: iter(self.loader)}
+
+    def __call__(self, epoch):
+        self.start(epoch)
+        return _Batches(self.started.pop(epoch), len(self.loader))
+
+
+class _Batches:
+    def __init__(self, iterator, length):
+        self.iterator, self.length = iterator, length
+
+    def __iter__(self):
+        return self.iterator
+
+    def __len__(self):
+        return self.length

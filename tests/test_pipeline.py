@@ -85,9 +85,16 @@ def test_eval_reproduces_the_saved_models_accuracy(straight, data, tmp_path):
     assert ev['test_ema_loss'] == pytest.approx(last['test_ema_loss'], rel=1e-9)
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(straight, data, tmp_path):
-    out, _ = straight
-    args = TRAIN + ['--data-path', data, '--output_dir', tmp_path]
+@pytest.mark.parametrize('workers', [0, 2])
+def test_resume_continues_exactly_like_an_uninterrupted_run(workers, straight, data, tmp_path):
+    # with loader workers they persist, reseed per epoch and start the next epoch during the evaluation: the
+    # resumed run's fresh workers must draw the augmentations of the uninterrupted run's
+    out = straight[0] if workers == 0 else str(tmp_path / 'straight')
+    workers_flag = ['--num_workers', workers]
+    if workers:
+        run(TRAIN + workers_flag + ['--data-path', data, '--output_dir', out, '--epochs', 3])
+    tmp_path = tmp_path / 'resumed'
+    args = TRAIN + workers_flag + ['--data-path', data, '--output_dir', tmp_path]
     run(args + ['--epochs', 2])
     run(args + ['--epochs', 3, '--resume', tmp_path / 'checkpoint.pth'])
     log, ref = read_log(tmp_path), read_log(out)

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from samplers import DistributedEvalSampler, EpochSampler, EpochSeededDataset, RASampler
+from samplers import DistributedEvalSampler, EpochBatches, EpochSampler, EpochSeededDataset, RASampler
 
 
 def shards(n, world, **kw):
@@ -89,3 +89,25 @@ def test_persistent_workers_reseed_per_epoch_as_a_resumed_run_would():
     assert not torch.equal(uninterrupted[1][:, 1:], uninterrupted[2][:, 1:])  # a new epoch draws anew, in all
     for column in (1, 2, 3):                                                    # three random modules
         assert not torch.equal(uninterrupted[1][:, column], uninterrupted[2][:, column])
+
+
+def test_epoch_batches_started_early_are_the_batches_of_that_epoch_and_draw_nothing_global():
+    def loader():
+        sampler = EpochSampler(torch.utils.data.DistributedSampler(range(12), num_replicas=1, rank=0, seed=3))
+        return torch.utils.data.DataLoader(EpochSeededDataset(RandomDraws(), seed=0, rank=0), sampler=sampler,
+                                           batch_size=3, num_workers=2, persistent_workers=True,
+                                           generator=torch.Generator())
+    plain, early = EpochBatches(loader()), EpochBatches(loader())
+    reference = [torch.cat(list(plain(epoch))) for epoch in (0, 1)]
+    first = early(0)
+    assert len(first) == 4
+    batches = [torch.cat(list(first))]
+    torch.manual_seed(5)
+    early.start(1)  # as main.py before the evaluation: epoch 1's workers start, the global generator is untouched
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))
+    batches.append(torch.cat(list(early(1))))
+    for got, want in zip(batches, reference):
+        assert torch.equal(got, want)
+    assert sorted(batches[1][:, 0].tolist()) == list(range(12)) and batches[1][:, 0].tolist() != list(range(12))
