@@ -107,7 +107,9 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
     Peak memory counts everything the configuration allocates (weights, optimizer state, batch, activations,
     and in graph mode the graph's private pool) from before the model is built.
     """
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # this process's GPU (set by join_process_group)
+        device = torch.device("cuda", torch.cuda.current_device())
     cuda = device.type == "cuda"
     if cuda:  # count only this configuration's memory, whatever earlier ones left allocated
         gc.collect()

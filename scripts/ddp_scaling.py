@@ -20,7 +20,8 @@ def scaling_rows(one, many):
             raise SystemExit(f"ddp_scaling.py: error: no one-process run of {r['mode']} {r['strategy']} "
                              f"{r['precision']} in the first file")
         rows.append({**{k: r[k] for k in KEY}, "world_size": r["world_size"], "step_ms_1": b["step_ms"],
-                     "step_ms_n": r["step_ms"], "images_per_s_1": b["images_per_s"], "images_per_s_n": r["images_per_s"],
+                     "step_ms_n": r["step_ms"], "images_per_s_1": b["images_per_s"],
+                     "images_per_s_n": r["images_per_s"],
                      "efficiency": r["images_per_s"] / (r["world_size"] * b["images_per_s"]),
                      "peak_mib_per_gpu": r["peak_mib"], "time_vs_none_n": r["time_vs_none"]})
     return rows
