@@ -66,7 +66,7 @@ class CapturedTrainStep:
     Gradients live in one flat buffer (each ``p.grad`` a view of it) that the first graph zeroes and backward
     writes. With a process group, one all-reduce of that buffer runs between the two replays: the
     DistributedDataParallel gradient average as a single NCCL call, so several processes train captured too
-    (``model`` must then not be wrapped in DDP; its parameters are broadcast from rank 0 as DDP would).
+    (``model`` must then not be wrapped in DDP, and must start equal on every process).
 
     Token fusion keeps every shape static (the per-layer token counts are fixed), so one capture serves the
     whole run. The first ``warmup`` calls run eagerly on the stream the capture uses (allocator, cuBLAS and
@@ -98,10 +98,6 @@ class CapturedTrainStep:
         for p in self.params:
             p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        if self.group is not None:
-            with torch.no_grad():
-                for p in self.params:
-                    dist.broadcast(p, 0, group=self.group)
         self.calls, self.static, self.graphs = 0, None, None
         self.setup_s, self.setup_steps = 0.0, 0
         self.stream = torch.cuda.Stream() if capture else None  # warm-up and capture share it

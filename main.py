@@ -170,8 +170,8 @@ def get_args_parser():
 
 def check_args(args):
     """Reject combinations that cannot work, before anything is built."""
-    if args.batch_size < 1 or args.epochs < 0 or args.print_freq < 1:
-        raise UsageError('--batch-size and --print-freq must be >= 1 and --epochs >= 0')
+    if args.batch_size < 1 or args.print_freq < 1:
+        raise UsageError(f'--batch-size and --print-freq must be >= 1, got {args.batch_size} and {args.print_freq}')
     use_cuda = args.device.startswith('cuda')
     if args.cuda_graph:
         if args.opt.lower() not in CAPTURABLE_OPTS:
@@ -643,9 +643,12 @@ def main(args):
     model.to(device)
     model_without_ddp = model
     several = args.distributed and utils.get_world_size() > 1
-    if several and not args.cuda_graph:  # the captured step averages gradients itself, in one all-reduce
+    if several and not args.cuda_graph:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
         model_without_ddp = model.module
+    elif several:  # the captured step averages gradients itself; like DDP, every process starts from rank 0's weights
+        for p in model.parameters():
+            dist.broadcast(p.detach(), 0)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     fusion = model_without_ddp.fusion_summary()
     print(f'number of params: {n_parameters}')
@@ -653,7 +656,7 @@ def main(args):
     fusion_cap_notice(model_without_ddp, args)
     print(f'mixer kernels: {model_without_ddp.layers[0].mixer.kernels(torch.empty(0, device=device))}')
 
-    # EMA after the DDP wrap: DDP has broadcast rank 0's weights, so every process starts the same EMA
+    # EMA after the DDP wrap (or the broadcast): every process starts the same EMA from rank 0's weights
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay,
@@ -784,3 +787,6 @@ if __name__ == '__main__':
         main(cli_args)
     except (UsageError, datasets.DataSetError, engine.NonFiniteLossError) as err:
         sys.exit(f'main.py: error: {err}')
+    if dist.is_initialized():  # leave together: a process exiting while a peer still talks to it can abort gloo
+        dist.barrier()
+        dist.destroy_process_group()

@@ -102,8 +102,10 @@ def test_flat_all_reduce_over_two_processes_equals_one_process_on_both_batches(t
         flat = results[0][('flat', opt)]
         reference = train(*build('eager', opt), batches(world))[-1]  # one process, both processes' samples
         assert torch.equal(flat, results[1][('flat', opt)])  # every rank applies the same averaged update
-        assert rel(flat, reference) < 1e-5, opt
-        assert rel(flat, results[0][('ddp', opt)]) < 1e-5, opt
+        # the reference sums one batch of 2B where the processes sum two of B: they round apart, and AdamW's
+        # update of a gradient near zero is steered by that rounding, so it gets the issue's 1e-3
+        assert rel(flat, reference) < (1e-5 if opt == 'sgd' else 1e-3), opt
+        assert rel(flat, results[0][('ddp', opt)]) < 1e-5, opt  # the same sums: DDP's average of the two
         assert rel(reference, initial) > 1e-3  # the steps moved the weights: the comparison says something
         one_rank = train(*build('eager', opt), [(x[:BATCH], y[:BATCH]) for x, y in batches(world)])[-1]
         assert rel(flat, one_rank) > 1e-3  # the other process's samples count
