@@ -101,11 +101,9 @@ class BiMamba(nn.Module):
         return ssm_ops.resolve_backend(self.backend, tensor, 2 * self.d_inner, self.d_state)
 
     def forward(self, hidden):
-        b, l, _ = hidden.shape
-        # (2E, B*L) -> (B, 2E, L) with unit stride along L, the layout the kernels read.
-        xz = (self.in_proj.weight @ hidden.reshape(b * l, -1).t()).view(-1, b, l).permute(1, 0, 2)
         return ssm_ops.bimamba_inner(
-            xz,
+            hidden,
+            self.in_proj.weight,
             torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1),
             torch.cat([self.conv1d.bias, self.conv1d_b.bias]),
             torch.stack([self.x_proj.weight, self.x_proj_b.weight]),

@@ -2,17 +2,18 @@
 
 One narrow function, a reference and two kernel backends:
 
-    bimamba_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend) -> (B, L, Dm)
+    bimamba_inner(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend)
+        -> (B, L, Dm)
 
 * ``torch``: a pure-PyTorch reference written from the recurrence (any device, any dtype, plain autograd).
-* ``triton`` and ``cuda``: a causal-conv kernel and a selective-scan kernel inside one autograd Function;
-  ``triton`` uses kernels_triton.py (cost proportional to the sequence length, so fused layers get cheaper
-  token by token; the flips below are its kernels too), ``cuda`` causal-conv1d's conv and mamba-ssm's scan
-  (cost in steps of powers of two in the length) with the flips in torch. Both scan directions run in one
-  kernel call (the scan's grouped-B/C mode, one group per direction), and the conv output and delta are
-  recomputed in the backward pass instead of being stored, as mamba-ssm's own ``mamba_inner_fn`` does; so
-  a layer keeps only xz, the pre-gate scan output, the small x_proj output and the scan's kept states for
-  its backward pass.
+* ``triton`` and ``cuda``: a conv kernel and a selective-scan kernel inside one autograd Function each.
+  ``triton`` (BiMambaTritonFn) runs kernels/conv.py and kernels/scan.py token-major: direction 1 is read
+  backwards in place, and a layer's cost follows its token count, so fused layers get cheaper token by token.
+  ``cuda`` (BiMambaInnerFn) runs causal-conv1d's conv and mamba-ssm's scan (cost in steps of powers of two in
+  the length) channel-major with the flipped direction copied by torch, as the authors' code does. Both run
+  the two directions in one scan call and recompute the conv output and delta in the backward pass instead
+  of storing them, as mamba-ssm's own ``mamba_inner_fn`` does; so a layer keeps only xz, the scan output
+  before the gate, the small x_proj output and the scan's kept states for its backward pass.
 
 Math (spec section 6), with the parameters of the two directions stacked along the channel axis
 (forward direction first, E channels each):
@@ -26,7 +27,6 @@ Math (spec section 6), with the parameters of the two directions stacked along t
 
 Nothing of mamba-ssm, causal-conv1d or Triton is imported on a machine without them.
 """
-import collections
 import warnings
 
 import torch
@@ -44,7 +44,7 @@ try:
 except ImportError:
     MAMBA_SCAN_AVAILABLE = False
 try:
-    import kernels_triton
+    from kernels import conv as conv_kernels, scan as scan_kernels
     TRITON_AVAILABLE = True
 except ImportError:
     TRITON_AVAILABLE = False
@@ -82,7 +82,7 @@ def resolve_backend(name, tensor, channels=None, d_state=None):
     if not tensor.is_cuda:
         return "torch"
     for backend, (ok, _) in KERNEL_BACKENDS.items():
-        if ok and (backend != "triton" or channels is None or kernels_triton.supports(channels, d_state)):
+        if ok and (backend != "triton" or channels is None or scan_kernels.supports(channels, d_state)):
             return backend
     if not _warned_no_kernels:
         warnings.warn("\n" + "!" * 80 + "\nRunning Vision Mamba on CUDA WITHOUT kernels (Triton, or mamba-ssm + "
@@ -204,36 +204,29 @@ def _flat(t):
     return t.transpose(0, 1).view(t.shape[1], -1)
 
 
-Kernels = collections.namedtuple("Kernels", "conv_fwd conv_bwd scan_fwd scan_bwd mirror fold")
-
-
-def _kernels(backend):
-    """A kernel backend's functions, looked up when called (tests swap the mamba-ssm / causal-conv1d wrappers
-    for emulations). The Triton backend also does the two directions' flips in its own kernels."""
-    if backend == "triton":
-        k = kernels_triton
-        return Kernels(k.conv_fwd, k.conv_bwd, k.scan_fwd, k.scan_bwd, k.mirror, k.fold)
-    return Kernels(_conv_fwd, _conv_bwd, _scan_fwd, _scan_bwd, mirror_ref, fold_ref)
+def _autocast(*tensors):
+    """The mixer's GEMM operands in autocast's dtype when autocast is on (custom_fwd does not cast them)."""
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return tuple(t.to(dtype) for t in tensors)
+    return tensors
 
 
 class BiMambaInnerFn(torch.autograd.Function):
-    """bimamba_inner_ref with kernels, both directions in one scan call, conv output and delta recomputed."""
+    """bimamba_inner_ref on mamba-ssm's scan and causal-conv1d's conv (``cuda``): channel-major, the flipped
+    direction as a copy, both directions in one scan call, conv output and delta recomputed."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend):
-        if torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
-            xz, x_proj_w, dt_proj_w, out_proj_w = (t.to(dtype) for t in (xz, x_proj_w, dt_proj_w, out_proj_w))
-        k = _kernels(backend)
-        xs, zs = k.mirror(xz, 2)
-        u = k.conv_fwd(xs, conv_w, conv_b)
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w):
+        xz, x_proj_w, dt_proj_w, out_proj_w = _autocast(xz, x_proj_w, dt_proj_w, out_proj_w)
+        xs, zs = mirror_ref(xz, 2)
+        u = _conv_fwd(xs, conv_w, conv_b)
         x_dbl, delta, Bm, Cm = _project(u, x_proj_w, dt_proj_w, A.shape[-1])
-        out, states, out_z = k.scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
-        ctx.backend = backend
+        out, states, out_z = _scan_fwd(u, delta, A, Bm, Cm, D, zs, dt_bias)
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, out)
         b, e2, l = xz.shape
-        folded = k.fold(out_z, _channel_major(b, e2 // 2, l, xz))
+        folded = fold_ref(out_z, _channel_major(b, e2 // 2, l, xz))
         # one GEMM over all B*L tokens, no copy; the /2 folded into the weight
         return F.linear(_flat(folded).t(), out_proj_w * 0.5).view(b, l, -1)
 
@@ -244,19 +237,18 @@ class BiMambaInnerFn(torch.autograd.Function):
         b, e2, l = xz.shape
         e, n = e2 // 2, A.shape[-1]
         rank = x_dbl.shape[2] - 2 * n
-        k = _kernels(ctx.backend)
-        xs, zs = k.mirror(xz, 2)
-        u = k.conv_fwd(xs, conv_w, conv_b)
+        xs, zs = mirror_ref(xz, 2)
+        u = _conv_fwd(xs, conv_w, conv_b)
         delta, Bm, Cm = _split_x_dbl(x_dbl, dt_proj_w, n)
         dout = dout.to(xz.dtype)
         dy = torch.matmul((out_proj_w * 0.5).t(), dout.reshape(b * l, -1).t())  # (E, B*L): one GEMM
-        dout_z, = k.mirror(dy.view(e, b, l).transpose(0, 1), 1)
-        du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = k.scan_bwd(
+        dout_z, = mirror_ref(dy.view(e, b, l).transpose(0, 1), 1)
+        du, ddelta, dA, dB, dC, dD, ddt_bias, dzs, out_z = _scan_bwd(
             u, delta, A, Bm, Cm, D, zs, dt_bias, dout_z, states, out)
         # Weight gradients reduce over batch and length. As one GEMM per direction they are skinny
         # (K = B*L) and cuBLAS runs them on a handful of SMs; one GEMM per sample (reducing over L) and a
         # sum over the batch keeps the whole GPU busy.
-        dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), k.fold(out_z).transpose(1, 2))) * 0.5
+        dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), fold_ref(out_z).transpose(1, 2))) * 0.5
         ddelta = ddelta.view(b, 2, e, l)
         ddt_proj_w = _batch_sum(torch.matmul(ddelta, x_dbl[:, :, :rank].transpose(2, 3)))
         dx_dbl = torch.empty_like(x_dbl)
@@ -266,17 +258,74 @@ class BiMambaInnerFn(torch.autograd.Function):
         u = u.view(b, 2, e, l)
         dx_proj_w = _batch_sum(torch.matmul(dx_dbl, u.transpose(2, 3)))
         du = du.view(b, 2, e, l) + torch.matmul(x_proj_w.transpose(1, 2), dx_dbl)
-        dxs, dconv_w, dconv_b = k.conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
+        dxs, dconv_w, dconv_b = _conv_bwd(xs, conv_w, conv_b, du.view(b, e2, l))
         dxz = torch.empty_like(xz)  # xz's strides: the in_proj GEMM's backward then takes it without a copy
-        k.fold(dxs, dxz[:, :e])
-        k.fold(dzs, dxz[:, e:])
-        return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w, None
+        fold_ref(dxs, dxz[:, :e])
+        fold_ref(dzs, dxz[:, e:])
+        return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w
 
 
-def bimamba_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend="auto"):
-    """Dispatch to the kernels or the reference; arguments as bimamba_inner_ref."""
-    args = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w)
-    backend = resolve_backend(backend, xz, *A.shape)
+class BiMambaTritonFn(torch.autograd.Function):
+    """bimamba_inner_ref on kernels/ (``triton``), token-major: xz (B, L, 2E) as in_proj's GEMM leaves it, no
+    flipped copies (direction 1 is read backwards in place), one conv and one scan call for both directions,
+    the sum over directions inside the scan; conv output and delta recomputed in backward. Every GEMM reads
+    and writes its operands where they lie: u, delta and their gradients are (2, B, L, E), x_dbl (2, B*L, K)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w):
+        xz, x_proj_w, dt_proj_w, out_proj_w = _autocast(xz, x_proj_w, dt_proj_w, out_proj_w)
+        b, l, e2 = xz.shape
+        e, n = e2 // 2, A.shape[-1]
+        u = conv_kernels.conv_fwd(xz[..., :e], conv_w, conv_b)
+        x_dbl = torch.bmm(u.view(2, b * l, e), x_proj_w.transpose(1, 2))
+        rank = x_dbl.shape[-1] - 2 * n
+        delta = torch.bmm(x_dbl[..., :rank], dt_proj_w.transpose(1, 2)).view(2, b, l, e)
+        B, C = (x_dbl[..., k:k + n].view(2, b, l, n) for k in (rank, rank + n))
+        y, out_z, states = scan_kernels.scan_fwd(u, delta, B, C, xz[..., e:], A, D, dt_bias)
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, y)
+        return F.linear(out_z, out_proj_w * 0.5)   # the /2 folded into the weight
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, y = ctx.saved_tensors
+        b, l, e2 = xz.shape
+        e, n, k = e2 // 2, A.shape[-1], x_dbl.shape[-1]
+        rank = k - 2 * n
+        u = conv_kernels.conv_fwd(xz[..., :e], conv_w, conv_b)
+        delta = torch.bmm(x_dbl[..., :rank], dt_proj_w.transpose(1, 2)).view(2, b, l, e)
+        B, C = (x_dbl[..., j:j + n].view(2, b, l, n) for j in (rank, rank + n))
+        dout = dout.to(xz.dtype)
+        dxz = torch.empty_like(xz)
+        du, ddelta, dA, dBC, dD, ddt_bias, out_z = scan_kernels.scan_bwd(
+            u, delta, B, C, xz[..., e:], A, D, dt_bias, torch.matmul(dout, out_proj_w * 0.5), y, states, dxz[..., e:])
+        # Weight gradients reduce over batch and length: one GEMM per sample (reducing over L) and a sum over the
+        # batch keep the whole GPU busy, where one GEMM with K = B*L would be skinny.
+        dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), out_z)) * 0.5
+        ddelta = ddelta.view(2 * b, l, e)
+        ddt_proj_w = _batch_sum(torch.bmm(ddelta.transpose(1, 2), x_dbl.view(2 * b, l, k)[..., :rank])
+                                .view(2, b, e, rank).transpose(0, 1))
+        dx_dbl = torch.cat([torch.bmm(ddelta.view(2, b * l, e), dt_proj_w), dBC.view(2, b * l, 2 * n).to(x_dbl.dtype)],
+                           -1)
+        dx_proj_w = _batch_sum(torch.bmm(dx_dbl.view(2 * b, l, k).transpose(1, 2), u.view(2 * b, l, e))
+                               .view(2, b, k, e).transpose(0, 1))
+        du.view(2, b * l, e).baddbmm_(dx_dbl, x_proj_w)
+        dconv_w, dconv_b = conv_kernels.conv_bwd(xz[..., :e], conv_w, conv_b, du, dxz[..., :e])
+        return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w
+
+
+def bimamba_inner(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w,
+                  backend="auto"):
+    """in_proj and the mixer: hidden (B, L, Dm), in_proj_w (2E, Dm), the rest as bimamba_inner_ref -> (B, L, Dm).
+    in_proj's GEMM writes xz in the layout the chosen kernels read: token-major for ``triton``, channel-major
+    ((2E, B*L) memory seen as (B, 2E, L)) for ``cuda`` and ``torch``."""
+    args = (conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w)
+    backend = resolve_backend(backend, hidden, *A.shape)
+    if backend == "triton":
+        return BiMambaTritonFn.apply(F.linear(hidden, in_proj_w), *args)
+    b, l, _ = hidden.shape
+    xz = (in_proj_w @ hidden.reshape(b * l, -1).t()).view(-1, b, l).permute(1, 0, 2)
     if backend == "torch":
-        return bimamba_inner_ref(*args)
-    return BiMambaInnerFn.apply(*args, backend)
+        return bimamba_inner_ref(xz, *args)
+    return BiMambaInnerFn.apply(xz, *args)

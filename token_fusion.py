@@ -16,16 +16,16 @@ The class token is never fused, wherever it sits; its index after fusion is retu
 it out. The index is a Python int while it is the same for the whole batch, else a (B,) long tensor.
 On request fuse also carries a source map (ToMe's source trace, held as one group id per input token):
 source[b, t] = the token that holds input token t now; each fusion composes it with its own map.
-On CUDA the merge (step 3) runs as kernels_triton's merge_rows / gather_rows, and in the paper's setting (order
-"released", mode "mean", up to 256 tokens) steps 1-2 and the fusion map are kernels_triton.fusion_map; elsewhere
+On CUDA the merge (step 3) runs as kernels/fusion.py's merge_rows / gather_rows, and in the paper's setting
+(order "released", mode "mean", up to 256 tokens) steps 1-2 and the fusion map are its fusion_map; elsewhere
 all is torch ops.
 """
 import torch
 
 try:  # the merge's CUDA kernels; the torch path below needs nothing else
-    import kernels_triton
+    from kernels import fusion as fusion_kernels
 except ImportError:
-    kernels_triton = None
+    fusion_kernels = None
 
 STRATEGIES = ("no", "none", "all", "interleaved", "alternate", "lower", "upper")
 _ALIASES = {"none": "no", "alternate": "interleaved"}
@@ -138,8 +138,8 @@ def fusion_indices(src, dst, kept_a, num_tokens, order="released", cls_index=Non
 
 
 def _use_kernels(x):
-    """Whether fusion of this stream runs on kernels_triton (float32/16 streams on CUDA with Triton installed)."""
-    return kernels_triton is not None and x.is_cuda and x.dtype != torch.float64
+    """Whether fusion of this stream runs on kernels/fusion.py (float32/16 streams on CUDA with Triton installed)."""
+    return fusion_kernels is not None and x.is_cuda and x.dtype != torch.float64
 
 
 def _flat_rows(index, n):
@@ -159,7 +159,7 @@ class _MergeRows(torch.autograd.Function):
     def forward(ctx, keep, src, dst, dest, weight, *streams):
         ctx.save_for_backward(dest, weight)
         if _use_kernels(streams[0]):
-            return tuple(kernels_triton.merge_rows(x, keep, src, dst, weight) for x in streams)
+            return tuple(fusion_kernels.merge_rows(x, keep, src, dst, weight) for x in streams)
         batch, num_tokens = dest.shape
         kept = keep.shape[1]
         keep, src, dst = _flat_rows(keep, num_tokens), _flat_rows(src, num_tokens), _flat_rows(dst, kept)
@@ -175,7 +175,7 @@ class _MergeRows(torch.autograd.Function):
     def backward(ctx, *grads):
         dest, weight = ctx.saved_tensors
         if _use_kernels(grads[0]):
-            return (None,) * 5 + tuple(kernels_triton.gather_rows(g, dest, weight) for g in grads)
+            return (None,) * 5 + tuple(fusion_kernels.gather_rows(g, dest, weight) for g in grads)
         batch, num_tokens = dest.shape
         rows = _flat_rows(dest, weight.shape[1])
         return (None,) * 5 + tuple((g / weight.to(g.dtype)).reshape(-1, g.shape[-1]).index_select(0, rows)
@@ -220,8 +220,8 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
         raise ValueError("cannot fuse a 3-token sequence whose class token may sit at position 1: set B would "
                          "hold only the class token")
     if (r and mode == "mean" and order == "released" and _use_kernels(hidden)  # the paper's setting: one kernel
-            and num_tokens <= kernels_triton.FUSION_MAP_MAX_TOKENS):
-        src, keep, dst_out, dest, weight, cls_out = kernels_triton.fusion_map(hidden, r, cls_index)
+            and num_tokens <= fusion_kernels.FUSION_MAP_MAX_TOKENS):
+        src, keep, dst_out, dest, weight, cls_out = fusion_kernels.fusion_map(hidden, r, cls_index)
         return (*_MergeRows.apply(keep, src, dst_out, dest, weight, hidden, residual), cls_out, None,
                 compose_source(source, dest))
     src, dst, kept_a = bipartite_soft_matching(hidden, r, cls_index)

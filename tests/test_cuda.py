@@ -175,7 +175,7 @@ def test_cuda_graph_capture_survives_a_pin_memory_thread():
 
 @pytest.mark.parametrize("name", ["upper-L4-r9", "upper-L4-r8-middle-spatial"])
 def test_source_maps_with_cuda_fusion_kernels_equal_the_torch_fusion(monkeypatch, name):
-    """Vim-Ti's per-layer source maps with the fusion on kernels_triton (fusion_map and the Triton merge, order
+    """Vim-Ti's per-layer source maps with the fusion on kernels/fusion.py (fusion_map and the Triton merge, order
     "released"; the Triton merge with the torch matching, "spatial") equal those of the torch fusion on CUDA."""
     import token_fusion
     torch.manual_seed(0)

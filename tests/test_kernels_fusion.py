@@ -1,6 +1,6 @@
-"""The Triton kernels (causal conv + SiLU, selective scan) against the float64 references and their autograd
-gradients. Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), so the same code is
-checked on the CPU."""
+"""kernels/fusion.py (token fusion's matching, fusion map and merge) against token_fusion's torch functions and
+hand-worked cases, with scores built to be exact so that ties break the same way in any order of summation.
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py)."""
 import math
 
 import pytest
@@ -10,171 +10,10 @@ import ssm_ops
 
 pytestmark = pytest.mark.skipif(not ssm_ops.TRITON_AVAILABLE, reason="needs Triton")
 
-import kernels_triton as kt  # noqa: E402
+from kernels import fusion as kt  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")  # scan_bwd's order
 
-
-def inputs(b, ch, groups, n, length, seed):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return dict(u=r(b, ch, length), delta=r(b, ch, length) * 0.5 - 1.0, A=-torch.rand(ch, n, generator=g) * 2 - 0.1,
-                B=r(b, groups, n, length), C=r(b, groups, n, length), D=r(ch), z=r(b, ch, length),
-                delta_bias=r(ch) * 0.3)
-
-
-def rel(a, b):
-    return ((a.double().cpu() - b.double()).norm() / b.double().norm()).item()
-
-
-S = kt.STATE_CHUNK
-
-
-@pytest.mark.parametrize("b, ch, groups, n, length", [
-    (2, 16, 2, 4, 2 * S + 3),       # three backward chunks, the last partial; one group per direction
-    (1, 8, 1, 16, 2 * S),           # exactly two, Vim's d_state
-    (2, 16, 2, 8, S - 3),           # shorter than one
-    (1, 16, 2, 4, S + kt.FWD_CHUNK - 1),  # ends inside a forward chunk that ends past the sequence
-])
-def test_scan_matches_float64_reference_and_autograd(b, ch, groups, n, length):
-    x = inputs(b, ch, groups, n, length, seed=length)
-    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    dev_args = [t.to(DEVICE) for t in args]
-    out, states, out_z = kt.scan_fwd(*dev_args)
-    assert states.shape == (b, ch, -(-length // S) - 1, n)
-
-    ref_in = [t.double().requires_grad_() for t in args]
-    ref_z = ssm_ops.selective_scan_ref(*ref_in)
-    ref = ssm_ops.selective_scan_ref(*ref_in[:6], None, ref_in[7])
-    assert rel(out, ref) < 1e-5 and rel(out_z, ref_z) < 1e-5
-
-    dout_z = torch.randn(ref_z.shape, generator=torch.Generator().manual_seed(1))
-    want = dict(zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
-                    torch.autograd.grad(ref_z, ref_in, dout_z.double())))
-    got = kt.scan_bwd(*dev_args, dout_z.to(DEVICE), states, out)
-    for name, grad in zip(GRAD_NAMES, got[:8]):
-        assert grad.shape == want[name].shape, name
-        assert rel(grad, want[name]) < 1e-5, (name, rel(grad, want[name]))
-    assert rel(got[8], ref_z) < 1e-5  # out_z recomputed for the out_proj weight gradient
-
-
-def test_bfloat16_scan_matches_float64_reference():
-    """bfloat16 sequences (float32 A, D, delta bias, as the model passes them): outputs and gradients match the
-    float64 reference of the same rounded inputs to bfloat16 output precision."""
-    x = inputs(2, 16, 2, 4, S + 5, seed=11)
-    args = [x[k].to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else x[k]
-            for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    dev_args = [t.to(DEVICE) for t in args]
-    out, states, out_z = kt.scan_fwd(*dev_args)
-    ref_in = [t.double().requires_grad_() for t in args]
-    ref_z = ssm_ops.selective_scan_ref(*ref_in)
-    assert out_z.dtype == torch.bfloat16 and rel(out_z, ref_z) < 1e-2
-    dout_z = torch.randn(ref_z.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    want = torch.autograd.grad(ref_z, ref_in, dout_z.double())
-    got = kt.scan_bwd(*dev_args, dout_z.to(DEVICE), states, out)
-    grads = dict(zip(GRAD_NAMES, got[:8]))
-    for name, grad in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), want):
-        assert grads[name].shape == grad.shape, name
-        assert rel(grads[name], grad) < 1e-2, (name, rel(grads[name], grad))
-
-
-def test_prefix_of_a_longer_sequence_scans_the_same():
-    """The state carried between chunks is the state at the last real token: a sequence scanned as a prefix
-    of a longer one gives the same outputs, whatever the longer one holds after it."""
-    x = inputs(1, 8, 1, 4, 3 * S + 3, seed=3)
-    args = [x[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    full, full_states, _ = kt.scan_fwd(*args)
-    cut = S + 5
-    prefix = [t[..., :cut] if t.dim() >= 3 else t for t in args]
-    part, states, _ = kt.scan_fwd(*prefix)
-    assert torch.allclose(part, full[..., :cut], rtol=1e-5, atol=1e-6)
-    assert states.shape[2] == 1 and torch.allclose(states[:, :, 0], full_states[:, :, 0])
-
-
-def test_scan_rejects_bad_shapes():
-    x = inputs(1, 8, 1, 6, 10, seed=0)
-    args = [x[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    with pytest.raises(ValueError, match="power of two"):
-        kt.scan_fwd(*args)
-    x = inputs(1, 2 * (kt.FWD_CHANNELS + 1), 2, 4, 10, seed=0)  # a group's channels don't fill programs
-    args = [x[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    with pytest.raises(ValueError, match="multiple of"):
-        kt.scan_fwd(*args)
-    x = inputs(1, 8, 1, 4, 10, seed=0)
-    args = [x[k].to(DEVICE) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    out, states, _ = kt.scan_fwd(*args)
-    with pytest.raises(ValueError, match="do not match"):
-        kt.scan_bwd(*args, torch.ones_like(out), torch.zeros(1, 8, 1, 4, device=DEVICE), out)
-
-
-@pytest.mark.parametrize("length", [1, 5, kt.CONV_TOKENS + 7])
-def test_conv_matches_float64_reference_and_autograd(length):
-    g = torch.Generator().manual_seed(length)
-    x = torch.randn(2, 2 * kt.CONV_CHANNELS, length, generator=g)
-    w = torch.randn(2 * kt.CONV_CHANNELS, kt.CONV_WIDTH, generator=g) * 0.5
-    bias = torch.randn(2 * kt.CONV_CHANNELS, generator=g)
-    dout = torch.randn(x.shape, generator=g)
-    ref_in = [t.double().requires_grad_() for t in (x, w, bias)]
-    ref = ssm_ops.causal_conv1d_ref(*ref_in)
-    want = torch.autograd.grad(ref, ref_in, dout.double())
-    got = kt.conv_fwd(*(t.to(DEVICE) for t in (x, w, bias)))
-    assert rel(got, ref) < 1e-6
-    grads = kt.conv_bwd(*(t.to(DEVICE) for t in (x, w, bias, dout)))
-    for name, a, b in zip(("dx", "dweight", "dbias"), grads, want):
-        assert a.shape == b.shape and rel(a, b) < 1e-5, name
-
-
-def test_conv_rejects_other_widths():
-    x = torch.randn(1, kt.CONV_CHANNELS, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="width 4"):
-        kt.conv_fwd(x, torch.randn(kt.CONV_CHANNELS, 3, device=DEVICE), torch.randn(kt.CONV_CHANNELS, device=DEVICE))
-
-
-def _strided_like_the_model(b, ch, length, dtype, seed):
-    """(B, ch, L) with the model's in_proj layout: (ch, B*L) memory viewed as (B, ch, L)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(ch, b, length, generator=g).to(dtype).permute(1, 0, 2).to(DEVICE)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length", [1, 7, kt.LAYOUT_BLOCK // 8 + 5])
-def test_mirror_writes_each_part_then_its_flip(dtype, length):
-    b, e, parts = 3, 8, 2
-    src = _strided_like_the_model(b, parts * e, length, dtype, seed=length)
-    got = kt.mirror(src, parts)
-    s = src.cpu()
-    backwards = torch.arange(length - 1, -1, -1)
-    for p in range(parts):
-        part = s[:, p * e:(p + 1) * e]
-        assert got[p].is_contiguous() and got[p].shape == (b, 2 * e, length)
-        assert torch.equal(got[p][:, :e].cpu(), part)
-        assert torch.equal(got[p][:, e:].cpu(), part[:, :, backwards])
-    (single,) = kt.mirror(s[:, :e].contiguous().to(DEVICE), 1)
-    assert torch.equal(single.cpu(), got[0].cpu())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length", [1, 6, kt.LAYOUT_BLOCK // 8 + 5])
-def test_fold_adds_the_flipped_backward_half_into_a_slice(dtype, length):
-    b, e = 2, 8
-    g = torch.Generator().manual_seed(length)
-    src = torch.randn(b, 2 * e, length, generator=g).to(dtype)
-    want = torch.empty(b, e, length, dtype=torch.float64)
-    for t in range(length):  # forward token t plus the backward direction's output for token t
-        want[:, :, t] = src[:, :e, t].double() + src[:, e:, length - 1 - t].double()
-    whole = torch.zeros(b, 3 * e, length, dtype=dtype, device=DEVICE)
-    out = kt.fold(src.to(DEVICE), whole[:, e:2 * e])
-    assert out.data_ptr() == whole[:, e:2 * e].data_ptr()
-    # a float32 add of two bfloat16 values is exact: one rounding to the output dtype (Triton's CPU
-    # interpreter rounds bfloat16 towards zero, the GPU to nearest: allow one bfloat16 step)
-    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=0)
-    assert torch.allclose(whole[:, e:2 * e].cpu().double(), want.to(dtype).double(), **tol)
-    assert not whole[:, :e].any() and not whole[:, 2 * e:].any()
-    assert torch.equal(kt.fold(src.to(DEVICE)).cpu(), whole[:, e:2 * e].cpu())
-
-
-# ----------------------------------------------------------------------------- token merge
 
 def _merge_case(dtype, c=5):
     """Two samples of 9 tokens, r = 3, with two fused rows landing on one output row in each sample (sample 0:
@@ -312,7 +151,7 @@ MAP_CASES = [  # tokens, channels, r, class token
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens, c, r, cls", MAP_CASES)
 def test_fusion_map_equals_the_torch_matching_and_map(tokens, c, r, cls, dtype):
-    """kernels_triton.fusion_map against token_fusion's torch functions (bipartite matching, fusion_indices,
+    """kernels/fusion.py's fusion_map against token_fusion's torch functions (bipartite matching, fusion_indices,
     merged_size), index for index, and both against the matching by its definition. The scores are exact
     (exact_metric) and tie often, within rows and between them; sample 1 also repeats an A token's row and sample 2
     has two A tokens parallel to one B token (cosine 1): ties go to the earlier token in both (a stable sort), and
@@ -361,7 +200,7 @@ def test_fuse_uses_fusion_map_up_to_its_token_limit_and_torch_beyond(monkeypatch
 @pytest.mark.parametrize("order", ["released", "spatial"])
 @pytest.mark.parametrize("case", ["head", "middle"])
 def test_source_map_through_the_kernels_is_the_hand_worked_one(monkeypatch, case, order):
-    """test_token_fusion's two-layer source-map examples with the fusion on kernels_triton (fusion_map's dest in
+    """test_token_fusion's two-layer source-map examples with the fusion on kernels/fusion.py (fusion_map's dest in
     order "released", the Triton merge in both): the same groups after each layer."""
     import token_fusion
     from test_token_fusion import TRACE_CASES, held
@@ -379,7 +218,7 @@ def test_source_map_through_the_kernels_is_the_hand_worked_one(monkeypatch, case
 
 @pytest.mark.parametrize("cls_position, order", [("head", "released"), ("middle", "released"), ("middle", "spatial")])
 def test_model_source_maps_with_kernel_fusion_equal_the_torch_path(monkeypatch, cls_position, order):
-    """A tiny Vim's per-layer source maps with the fusion on kernels_triton (forced on, interpreted on the CPU)
+    """A tiny Vim's per-layer source maps with the fusion on kernels/fusion.py (forced on, interpreted on the CPU)
     equal those of the torch fusion, layer for layer."""
     import models_mamba
     import token_fusion

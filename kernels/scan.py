@@ -1,0 +1,304 @@
+"""Vim's bidirectional selective scan, token-major, both directions in one kernel (spec section 6).
+
+Layout: tokens are rows, channels contiguous, as the GEMMs around the scan produce and consume them.
+Direction 0 scans tokens 0..L-1, direction 1 scans L-1..0 (the flipped sequence, read in place):
+
+    delta  = softplus(delta_raw + delta_bias)        u, delta_raw (2, Bt, L, E): [direction 0, direction 1]
+    h_t    = exp(delta_t A) h_prev + delta_t B_t u_t  B, C (2, Bt, L, N); A (2E, N), D, delta_bias (2E)
+    y_t    = C_t . h_t + D u_t                       per direction; h_prev the state of the token scanned before
+    y      = y_dir0 + y_dir1;   out_z = y * SiLU(z)  z, y, out_z (Bt, L, E)
+
+Each program holds the state (N, channels) of its channel block in registers, one channel per thread with all
+N states, and steps through the tokens one at a time: the state update is a multiply-add per element, the sum
+over N stays in the thread, and a token's loads are issued one step ahead so that their latency hides behind
+the previous step's arithmetic. The forward program runs both directions in the same loop (token s of one and
+L-1-s of the other), so the sum over directions happens in the kernel: a direction that reaches a token first
+leaves its part in ``y``, the other adds it. The state after every STATE_CHUNK steps of each direction is kept
+for the backward pass (``states``: (Bt, 2, ceil(L / STATE_CHUNK) - 1, N, E) float32).
+
+Backward, per direction and per STATE_CHUNK steps from the last: the chunk's states are recomputed from the
+kept one into a per-program scratch buffer, then the state gradient g_t = C_t dy_t + a_next g_next runs
+backwards (dy = dout_z SiLU(z), the same for both directions), and with a_t h_prev = h_t - x_t:
+    du_t = delta_t sum_n g B + D dy        ddelta_t = sum_n g (B u + A (h - x))
+    dB_t = sum_d g delta u                 dC_t = sum_d dy h            dA = sum_{b,t} g delta (h - x)
+dB and dC are reduced over a program's channels and written as float32 partial sums per channel block, dA,
+dD and the delta bias's gradient per batch row; the caller adds them up, so the gradients are deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+STATE_CHUNK = 16   # steps between kept states = the backward pass's chunk
+# one channel per thread, one warp per program (scripts/scan_benchmark.py --configs, H200)
+FWD_CHANNELS, FWD_WARPS = 32, 1
+BWD_CHANNELS, BWD_WARPS = 32, 1
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+
+@triton.jit
+def _step(h, u, delta_raw, bias, A, Bt, Ct, Dv):
+    """One token of one direction: -> (state after it, y before the gate). h, A: (N, channels)."""
+    delta = _softplus(delta_raw + bias)
+    h = tl.exp(delta[None, :] * A) * h + Bt[:, None] * (delta * u)[None, :]
+    return h, tl.sum(h * Ct[:, None], 0) + Dv * u
+
+
+@triton.jit
+def _token(u_row, dl_row, b_row, c_row, z_row, t, s_dt, s_bt, s_zt, ok):
+    """One token's inputs of one direction, in float32: u, delta before softplus, B, C (N,), z; 0 unless ok."""
+    return (tl.load(u_row + t * s_dt, mask=ok, other=0.0).to(tl.float32),
+            tl.load(dl_row + t * s_dt, mask=ok, other=0.0).to(tl.float32),
+            tl.load(b_row + t * s_bt, mask=ok, other=0.0).to(tl.float32),
+            tl.load(c_row + t * s_bt, mask=ok, other=0.0).to(tl.float32),
+            tl.load(z_row + t * s_zt, mask=ok, other=0.0).to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["s_an"])
+def _scan_fwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, out_z_ptr, states_ptr,
+                     L, n_states, s_dd, s_db, s_dt, s_bd, s_bb, s_bt, s_zb, s_zt, s_an,
+                     E: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    n = tl.arange(0, N)
+    # (N, channels) tiles: a thread holds all N states of its channel. The strides along N stay unknown to the
+    # compiler (not specialised) so that it does not lay the tiles out along N.
+    A0 = tl.load(A_ptr + d[None, :] * N + n[:, None] * s_an)
+    A1 = tl.load(A_ptr + (E + d)[None, :] * N + n[:, None] * s_an)
+    D0, D1 = tl.load(D_ptr + d), tl.load(D_ptr + E + d)
+    bias0, bias1 = tl.load(bias_ptr + d), tl.load(bias_ptr + E + d)
+    u_row = u_ptr + b * s_db + d   # u has delta's layout
+    dl_row = delta_ptr + b * s_db + d
+    b_row = B_ptr + b * s_bb + n
+    c_row = C_ptr + b * s_bb + n
+    z_row = z_ptr + b * s_zb + d
+    y_row = y_ptr + b * L * E + d
+    oz_row = out_z_ptr + b * L * E + d
+    st = states_ptr + b * 2 * n_states * N * E + n[:, None] * E + d[None, :]
+    h0 = tl.zeros([N, BD], dtype=tl.float32)
+    h1 = tl.zeros([N, BD], dtype=tl.float32)
+    # each step's loads are issued one step ahead, so that their latency hides behind a step of arithmetic
+    nu0, ndl0, nB0, nC0, nz0 = _token(u_row, dl_row, b_row, c_row, z_row, 0, s_dt, s_bt, s_zt, L > 0)
+    nu1, ndl1, nB1, nC1, nz1 = _token(u_row + s_dd, dl_row + s_dd, b_row + s_bd, c_row + s_bd, z_row, L - 1,
+                                      s_dt, s_bt, s_zt, L > 0)
+    for s in range(L):
+        t0, t1 = s, L - 1 - s
+        u0, dl0, B0, C0, z0 = nu0, ndl0, nB0, nC0, nz0
+        u1, dl1, B1, C1, z1 = nu1, ndl1, nB1, nC1, nz1
+        ahead = s + 1 < L
+        nu0, ndl0, nB0, nC0, nz0 = _token(u_row, dl_row, b_row, c_row, z_row, t0 + 1, s_dt, s_bt, s_zt, ahead)
+        nu1, ndl1, nB1, nC1, nz1 = _token(u_row + s_dd, dl_row + s_dd, b_row + s_bd, c_row + s_bd, z_row, t1 - 1,
+                                          s_dt, s_bt, s_zt, ahead)
+        # the first half of the steps meets tokens the other direction has not reached: keep the part; the
+        # middle token (odd L) gets both parts in this step; the second half adds the kept parts
+        late = (d < E) & (2 * s > L - 1)
+        kept0 = tl.load(y_row + t0 * E, mask=late, other=0.0)
+        kept1 = tl.load(y_row + t1 * E, mask=late, other=0.0)
+        h0, y0 = _step(h0, u0, dl0, bias0, A0, B0, C0, D0)
+        h1, y1 = _step(h1, u1, dl1, bias1, A1, B1, C1, D1)
+        mid = 2 * s == L - 1
+        y0_sum = y0 + kept0 + tl.where(mid, y1, 0.0)
+        y1_sum = y1 + kept1 + tl.where(mid, y0, 0.0)
+        tl.store(y_row + t0 * E, y0_sum)
+        tl.store(y_row + t1 * E, y1_sum)
+        done = (d < E) & (2 * s >= L - 1)
+        tl.store(oz_row + t0 * E, (y0_sum * z0 * tl.sigmoid(z0)).to(out_z_ptr.dtype.element_ty), mask=done)
+        tl.store(oz_row + t1 * E, (y1_sum * z1 * tl.sigmoid(z1)).to(out_z_ptr.dtype.element_ty), mask=done)
+        if ((s + 1) % S == 0) & ((s + 1) // S <= n_states):
+            at = ((s + 1) // S - 1) * N * E
+            tl.store(st + at, h0)
+            tl.store(st + n_states * N * E + at, h1)
+
+
+@triton.jit(do_not_specialize=["s_an"])
+def _scan_bwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, dout_z_ptr, y_ptr,
+                     states_ptr, scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dA_ptr, dD_ptr, dbias_ptr,
+                     dbc_ptr, L, n_chunks, s_dd, s_db, s_dt, s_bd, s_bb, s_bt, s_zb, s_zt, s_gb, s_gt, s_xb, s_xt, s_an,
+                     E: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)                      # direction
+    blk = tl.program_id(2)
+    d = blk * BD + tl.arange(0, BD)           # channel within the direction
+    n = tl.arange(0, N)
+    ch = r * E + d
+    A = tl.load(A_ptr + ch[None, :] * N + n[:, None] * s_an)   # (N, channels), as in the forward kernel
+    Dv, bias = tl.load(D_ptr + ch), tl.load(bias_ptr + ch)
+    u_row = u_ptr + r * s_dd + b * s_db + d
+    dl_row = delta_ptr + r * s_dd + b * s_db + d
+    b_row = B_ptr + r * s_bd + b * s_bb + n
+    c_row = C_ptr + r * s_bd + b * s_bb + n
+    z_row = z_ptr + b * s_zb + d
+    g_row = dout_z_ptr + b * s_gb + d
+    y_row = y_ptr + b * L * E + d
+    first = r == 0                            # direction 0 also writes dz and out_z, once per token
+    n_blocks = tl.num_programs(2)
+    dbc_row = dbc_ptr + ((r * n_blocks + blk) * tl.num_programs(0) + b) * L * 2 * N + n
+    scratch = scratch_ptr + ((b * 2 + r) * n_blocks + blk) * S * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
+    st = states_ptr + (b * 2 + r) * (n_chunks - 1) * N * E + n[:, None] * E + d[None, :]
+    g_carry = tl.zeros([N, BD], dtype=tl.float32)   # a_next g_next
+    dA = tl.zeros([N, BD], dtype=tl.float32)
+    dD = tl.zeros([BD], dtype=tl.float32)
+    dbias = tl.zeros([BD], dtype=tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        h = tl.load(st + (c - 1) * N * E, mask=c > 0, other=0.0)
+        t = tl.where(r == 0, c * S, L - 1 - c * S)
+        nu, ndl, nB, nC, nz = _token(u_row, dl_row, b_row, c_row, z_row, t, s_dt, s_bt, s_zt, True)
+        ng = tl.load(g_row + t * s_gt).to(tl.float32)
+        for j in range(S):   # this chunk's states, and dC, which needs only them
+            s = c * S + j
+            valid = s < L
+            t = tl.where(r == 0, s, L - 1 - s)
+            u, dl, Bt, z, dout_z = nu, ndl, nB, nz, ng
+            t_next = tl.where(r == 0, s + 1, L - 2 - s)
+            ok = (j + 1 < S) & (s + 1 < L)
+            nu, ndl, nB, nC, nz = _token(u_row, dl_row, b_row, c_row, z_row, t_next, s_dt, s_bt, s_zt, ok)
+            ng = tl.load(g_row + t_next * s_gt, mask=ok, other=0.0).to(tl.float32)
+            delta = _softplus(dl + bias)
+            h = tl.exp(delta[None, :] * A) * h + Bt[:, None] * (delta * u)[None, :]
+            tl.store(scratch + j * N * BD, h)
+            dy = dout_z * z * tl.sigmoid(z)
+            tl.store(dbc_row + t * 2 * N + N, tl.sum(h * dy[None, :], 1), mask=valid)
+        tl.debug_barrier()
+        s = c * S + S - 1
+        t = tl.where(r == 0, s, L - 1 - s)
+        ok = s < L
+        nu, ndl, nB, nC, nz = _token(u_row, dl_row, b_row, c_row, z_row, t, s_dt, s_bt, s_zt, ok)
+        ng = tl.load(g_row + t * s_gt, mask=ok, other=0.0).to(tl.float32)
+        ny = tl.load(y_row + t * E, mask=ok & first, other=0.0)
+        nh = tl.load(scratch + (S - 1) * N * BD)
+        for jj in range(S):   # last token first
+            j = S - 1 - jj
+            s = c * S + j
+            valid = s < L
+            t = tl.where(r == 0, s, L - 1 - s)
+            m = (d < E) & valid
+            u, dl, Bt, Ct, z, dout_z, y, h = nu, ndl, nB, nC, nz, ng, ny, nh
+            t_next = tl.where(r == 0, s - 1, L - s)
+            ok = (j > 0) & (s - 1 < L)
+            nu, ndl, nB, nC, nz = _token(u_row, dl_row, b_row, c_row, z_row, t_next, s_dt, s_bt, s_zt, ok)
+            ng = tl.load(g_row + t_next * s_gt, mask=ok, other=0.0).to(tl.float32)
+            ny = tl.load(y_row + t_next * E, mask=ok & first, other=0.0)
+            nh = tl.load(scratch + (j - 1) * N * BD, mask=j > 0, other=0.0)
+            delta_in = dl + bias
+            delta = _softplus(delta_in)
+            sig_z = tl.sigmoid(z)
+            dy = dout_z * z * sig_z
+            g = Ct[:, None] * dy[None, :] + g_carry         # 0 past L: masked loads give Ct = dy = 0
+            g_carry = tl.exp(delta[None, :] * A) * g
+            du_dx = delta * u
+            decayed = (h - Bt[:, None] * du_dx[None, :]) * g   # g_t a_t h_prev
+            gB = tl.sum(g * Bt[:, None], 0)
+            out = b * L + t
+            tl.store(du_ptr + r * s_dd + b * s_db + t * s_dt + d, (delta * gB + Dv * dy).to(du_ptr.dtype.element_ty), mask=m)
+            ddelta = tl.where(m, (u * gB + tl.sum(decayed * A, 0)) * tl.sigmoid(delta_in), 0.0)
+            tl.store(ddelta_ptr + (r * tl.num_programs(0) * L + out) * E + d, ddelta.to(ddelta_ptr.dtype.element_ty),
+                     mask=m)
+            tl.store(dbc_row + t * 2 * N, tl.sum(g * du_dx[None, :], 1), mask=(n < N) & valid)
+            dA += decayed * delta[None, :]
+            dD += dy * u
+            dbias += ddelta
+            mz = m & first
+            tl.store(dz_ptr + b * s_xb + t * s_xt + d, (dout_z * y * sig_z * (1.0 + z * (1.0 - sig_z))).to(
+                dz_ptr.dtype.element_ty), mask=mz)
+            tl.store(out_z_ptr + out * E + d, (y * z * sig_z).to(out_z_ptr.dtype.element_ty), mask=mz)
+        tl.debug_barrier()
+    tl.store(dA_ptr + (b * 2 * E + ch)[None, :] * N + n[:, None] * s_an, dA)
+    tl.store(dD_ptr + b * 2 * E + ch, dD)
+    tl.store(dbias_ptr + b * 2 * E + ch, dbias)
+
+
+def supports(channels, d_state):
+    """Whether these kernels take a mixer with ``channels`` (both directions, 2E) and ``d_state``."""
+    e = channels // 2
+    return (channels % 2 == 0 and d_state & (d_state - 1) == 0 and e % FWD_CHANNELS == 0
+            and e % BWD_CHANNELS == 0)
+
+
+def _strides(u, delta, B, z):
+    if delta.stride(3) != 1 or B.stride(3) != 1 or z.stride(2) != 1 or u.stride() != delta.stride():
+        raise ValueError("the scan reads rows of contiguous channels (stride 1 there in delta, B, C and z), "
+                         "and u in delta's layout")
+    return (delta.stride(0), delta.stride(1), delta.stride(2),
+            B.stride(0), B.stride(1), B.stride(2), z.stride(0), z.stride(1))
+
+
+def _check(u, delta, A, B, C, z, block):
+    _, bt, length, e = u.shape
+    n = A.shape[1]
+    if u.shape != delta.shape or u.shape[0] != 2 or z.shape != (bt, length, e) or A.shape != (2 * e, n):
+        raise ValueError(f"scan inputs do not fit u {tuple(u.shape)}: delta {tuple(delta.shape)}, "
+                         f"z {tuple(z.shape)}, A {tuple(A.shape)}")
+    if B.shape != (2, bt, length, n) or C.shape != B.shape or C.stride() != B.stride():
+        raise ValueError(f"B and C must be (2, {bt}, {length}, {n}) with equal strides, got {tuple(B.shape)}, "
+                         f"{tuple(C.shape)}")
+    if e % block:
+        raise ValueError(f"channels per direction ({e}) must be a multiple of {block}")
+    if n & (n - 1):
+        raise ValueError(f"d_state must be a power of two for the Triton scan, got {n}")
+    return bt, length, e, n
+
+
+def scan_fwd(u, delta, B, C, z, A, D, delta_bias, channels=None, warps=None):
+    """-> (y float32, out_z in u's dtype, states); shapes and math in the module docstring."""
+    channels, warps = channels or FWD_CHANNELS, warps or FWD_WARPS
+    bt, length, e, n = _check(u, delta, A, B, C, z, channels)
+    n_states = triton.cdiv(length, STATE_CHUNK) - 1
+    y = torch.empty(bt, length, e, device=u.device, dtype=torch.float32)
+    out_z = torch.empty(bt, length, e, device=u.device, dtype=u.dtype)
+    states = torch.empty(bt, 2, n_states, n, e, device=u.device, dtype=torch.float32)
+    _scan_fwd_kernel[(bt, e // channels)](
+        u, delta, B, C, z, A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous(),
+        y, out_z, states, length, n_states, *_strides(u, delta, B, z), 1, E=e, N=n, BD=channels, S=STATE_CHUNK,
+        num_warps=warps)
+    return y, out_z, states
+
+
+def scan_bwd(u, delta, B, C, z, A, D, delta_bias, dout_z, y, states, dz, channels=None, warps=None):
+    """Gradients of scan_fwd's out_z for its gradient dout_z (Bt, L, E); y and states as scan_fwd returned
+    them. dz (z's shape, contiguous channels) receives z's gradient. Returns (du (2, Bt, L, E), ddelta (2, Bt, L, E),
+    dA (2E, N), dB and dC together (2, Bt, L, 2N) float32, dD (2E), ddelta_bias (2E), out_z recomputed);
+    ddelta is the gradient of delta_raw."""
+    channels, warps = channels or BWD_CHANNELS, warps or BWD_WARPS
+    bt, length, e, n = _check(u, delta, A, B, C, z, channels)
+    n_chunks = triton.cdiv(length, STATE_CHUNK)
+    if states.shape != (bt, 2, n_chunks - 1, n, e):
+        raise ValueError(f"states of shape {tuple(states.shape)} do not match the inputs "
+                         f"(expected {(bt, 2, n_chunks - 1, n, e)} from scan_fwd)")
+    if dz.shape != z.shape or dz.stride(2) != 1 or dout_z.shape != z.shape or dout_z.stride(2) != 1:
+        raise ValueError("dz and dout_z must be (Bt, L, E) with contiguous channels")
+    blocks = e // channels
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du = torch.empty_like(u)   # u's strides: the kernel writes it with them
+    ddelta = torch.empty(2, bt, length, e, device=u.device, dtype=delta.dtype)
+    out_z = torch.empty(bt, length, e, device=u.device, dtype=u.dtype)
+    scratch = torch.empty(bt * 2 * blocks, STATE_CHUNK, n, channels, **f32)
+    dA, dD, dbias = torch.empty(bt, 2 * e, n, **f32), torch.empty(bt, 2 * e, **f32), torch.empty(bt, 2 * e, **f32)
+    dbc = torch.empty(2, blocks, bt, length, 2 * n, **f32)
+    _scan_bwd_kernel[(bt, 2, blocks)](
+        u, delta, B, C, z, A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous(),
+        dout_z, y, states, scratch, du, ddelta, dz, out_z, dA, dD, dbias, dbc, length, n_chunks,
+        *_strides(u, delta, B, z), dout_z.stride(0), dout_z.stride(1), dz.stride(0), dz.stride(1), 1, E=e, N=n, BD=channels, S=STATE_CHUNK,
+        num_warps=warps)
+    return du, ddelta, dA.sum(0).to(A.dtype), dbc.sum(1), dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype), out_z
+
+
+def scan_ref(u, delta, B, C, z, A, D, delta_bias):
+    """scan_fwd's (y, out_z) step by step in float32 (float64 for float64 inputs), for tests and as the
+    definition: each direction its own loop over the tokens."""
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    _, bt, length, e = u.shape
+    y = torch.zeros(bt, length, e, dtype=ct, device=u.device)
+    for r, steps in ((0, range(length)), (1, range(length - 1, -1, -1))):
+        ch = slice(r * e, (r + 1) * e)
+        A_r, D_r = A[ch].to(ct), D[ch].to(ct)
+        h = torch.zeros(bt, e, A.shape[1], dtype=ct, device=u.device)
+        for t in steps:
+            dt = torch.nn.functional.softplus(delta[r, :, t].to(ct) + delta_bias[ch].to(ct))
+            u_t = u[r, :, t].to(ct)
+            h = torch.exp(dt[..., None] * A_r) * h + (dt * u_t)[..., None] * B[r, :, t, None].to(ct)
+            y[:, t] += (h * C[r, :, t, None].to(ct)).sum(-1) + D_r * u_t
+    return y, (y * torch.nn.functional.silu(z.to(ct))).to(u.dtype)
