@@ -54,7 +54,7 @@ def get_args_parser():
     parser.add_argument('--cls-position', default='head', choices=['head', 'middle'],
                         help="class token at position 0 (Famba-V) or M//2 (Vim's checkpoints)")
     parser.add_argument('--ssm-backend', default='auto', choices=ssm_ops.BACKENDS,
-                        help='mixer kernels: triton (kernels_triton.py), cuda (mamba-ssm + causal-conv1d), '
+                        help='mixer kernels: triton (kernels/), cuda (mamba-ssm + causal-conv1d), '
                              'torch (pure PyTorch), auto (on CUDA the first of triton, cuda that fits, else torch)')
 
     # Famba-V token fusion
