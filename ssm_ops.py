@@ -281,8 +281,8 @@ class BiMambaTritonFn(torch.autograd.Function):
         x_dbl = torch.bmm(u.view(2, b * l, e), x_proj_w.transpose(1, 2))
         rank = x_dbl.shape[-1] - 2 * n
         delta = torch.bmm(x_dbl[..., :rank], dt_proj_w.transpose(1, 2)).view(2, b, l, e)
-        B, C = (x_dbl[..., k:k + n].view(2, b, l, n) for k in (rank, rank + n))
-        y, out_z, states = scan_kernels.scan_fwd(u, delta, B, C, xz[..., e:], A, D, dt_bias)
+        y, out_z, states = scan_kernels.scan_fwd(u, delta, x_dbl[..., rank:].view(2, b, l, 2 * n), xz[..., e:], A, D,
+                                                 dt_bias)
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, y)
         return F.linear(out_z, out_proj_w * 0.5)   # the /2 folded into the weight
 
@@ -295,11 +295,10 @@ class BiMambaTritonFn(torch.autograd.Function):
         rank = k - 2 * n
         u = conv_kernels.conv_fwd(xz[..., :e], conv_w, conv_b)
         delta = torch.bmm(x_dbl[..., :rank], dt_proj_w.transpose(1, 2)).view(2, b, l, e)
-        B, C = (x_dbl[..., j:j + n].view(2, b, l, n) for j in (rank, rank + n))
         dout = dout.to(xz.dtype)
         dxz = torch.empty_like(xz)
         du, ddelta, dA, dBC, dD, ddt_bias, out_z = scan_kernels.scan_bwd(
-            u, delta, B, C, xz[..., e:], A, D, dt_bias, torch.matmul(dout, out_proj_w * 0.5), y, states, dxz[..., e:])
+            u, delta, x_dbl[..., rank:].view(2, b, l, 2 * n), xz[..., e:], A, D, dt_bias, torch.matmul(dout, out_proj_w * 0.5), y, states, dxz[..., e:])
         # Weight gradients reduce over batch and length: one GEMM per sample (reducing over L) and a sum over the
         # batch keep the whole GPU busy, where one GEMM with K = B*L would be skinny.
         dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), out_z)) * 0.5

@@ -4,7 +4,7 @@ Layout: tokens are rows, channels contiguous, as the GEMMs around the scan produ
 Direction 0 scans tokens 0..L-1, direction 1 scans L-1..0 (the flipped sequence, read in place):
 
     delta  = softplus(delta_raw + delta_bias)        u, delta_raw (2, Bt, L, E): [direction 0, direction 1]
-    h_t    = exp(delta_t A) h_prev + delta_t B_t u_t  B, C (2, Bt, L, N); A (2E, N), D, delta_bias (2E)
+    h_t    = exp(delta_t A) h_prev + delta_t B_t u_t  BC (2, Bt, L, 2N): [B_t | C_t]; A (2E, N), D, delta_bias (2E)
     y_t    = C_t . h_t + D u_t                       per direction; h_prev the state of the token scanned before
     y      = y_dir0 + y_dir1;   out_z = y * SiLU(z)  z, y, out_z (Bt, L, E)
 
@@ -48,17 +48,19 @@ def _step(h, u, delta_raw, bias, A, Bt, Ct, Dv):
 
 
 @triton.jit
-def _token(u_row, dl_row, b_row, c_row, z_row, t, s_dt, s_bt, s_zt, ok):
-    """One token's inputs of one direction, in float32: u, delta before softplus, B, C (N,), z; 0 unless ok."""
-    return (tl.load(u_row + t * s_dt, mask=ok, other=0.0).to(tl.float32),
-            tl.load(dl_row + t * s_dt, mask=ok, other=0.0).to(tl.float32),
-            tl.load(b_row + t * s_bt, mask=ok, other=0.0).to(tl.float32),
-            tl.load(c_row + t * s_bt, mask=ok, other=0.0).to(tl.float32),
-            tl.load(z_row + t * s_zt, mask=ok, other=0.0).to(tl.float32))
+def _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N: tl.constexpr):
+    """One token's inputs of one direction, in float32: u, delta before softplus, B, C (N,), z. Callers clamp t
+    into the sequence rather than mask the loads (a masked load costs a second instruction per value).
+    Every thread loads the token's B and C itself (broadcast loads; handing them out through shared memory
+    measured slower)."""
+    n = tl.arange(0, N)
+    return (tl.load(u_row + t * s_dt).to(tl.float32), tl.load(dl_row + t * s_dt).to(tl.float32),
+            tl.load(bc_row + t * s_bt + n).to(tl.float32), tl.load(bc_row + t * s_bt + N + n).to(tl.float32),
+            tl.load(z_row + t * s_zt).to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["s_an"])
-def _scan_fwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, out_z_ptr, states_ptr,
+def _scan_fwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, out_z_ptr, states_ptr,
                      L, n_states, s_dd, s_db, s_dt, s_bd, s_bb, s_bt, s_zb, s_zt, s_an,
                      E: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -72,8 +74,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_p
     bias0, bias1 = tl.load(bias_ptr + d), tl.load(bias_ptr + E + d)
     u_row = u_ptr + b * s_db + d   # u has delta's layout
     dl_row = delta_ptr + b * s_db + d
-    b_row = B_ptr + b * s_bb + n
-    c_row = C_ptr + b * s_bb + n
+    bc_row = bc_ptr + b * s_bb
     z_row = z_ptr + b * s_zb + d
     y_row = y_ptr + b * L * E + d
     oz_row = out_z_ptr + b * L * E + d
@@ -81,17 +82,17 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_p
     h0 = tl.zeros([N, BD], dtype=tl.float32)
     h1 = tl.zeros([N, BD], dtype=tl.float32)
     # each step's loads are issued one step ahead, so that their latency hides behind a step of arithmetic
-    nu0, ndl0, nB0, nC0, nz0 = _token(u_row, dl_row, b_row, c_row, z_row, 0, s_dt, s_bt, s_zt, L > 0)
-    nu1, ndl1, nB1, nC1, nz1 = _token(u_row + s_dd, dl_row + s_dd, b_row + s_bd, c_row + s_bd, z_row, L - 1,
-                                      s_dt, s_bt, s_zt, L > 0)
+    nu0, ndl0, nB0, nC0, nz0 = _token(u_row, dl_row, bc_row, z_row, 0, s_dt, s_bt, s_zt, N)
+    nu1, ndl1, nB1, nC1, nz1 = _token(u_row + s_dd, dl_row + s_dd, bc_row + s_bd, z_row, L - 1, s_dt, s_bt,
+                                      s_zt, N)
     for s in range(L):
         t0, t1 = s, L - 1 - s
         u0, dl0, B0, C0, z0 = nu0, ndl0, nB0, nC0, nz0
         u1, dl1, B1, C1, z1 = nu1, ndl1, nB1, nC1, nz1
-        ahead = s + 1 < L
-        nu0, ndl0, nB0, nC0, nz0 = _token(u_row, dl_row, b_row, c_row, z_row, t0 + 1, s_dt, s_bt, s_zt, ahead)
-        nu1, ndl1, nB1, nC1, nz1 = _token(u_row + s_dd, dl_row + s_dd, b_row + s_bd, c_row + s_bd, z_row, t1 - 1,
-                                          s_dt, s_bt, s_zt, ahead)
+        nu0, ndl0, nB0, nC0, nz0 = _token(u_row, dl_row, bc_row, z_row, tl.minimum(t0 + 1, L - 1), s_dt, s_bt,
+                                          s_zt, N)
+        nu1, ndl1, nB1, nC1, nz1 = _token(u_row + s_dd, dl_row + s_dd, bc_row + s_bd, z_row, tl.maximum(t1 - 1, 0),
+                                          s_dt, s_bt, s_zt, N)
         # the first half of the steps meets tokens the other direction has not reached: keep the part; the
         # middle token (odd L) gets both parts in this step; the second half adds the kept parts
         late = (d < E) & (2 * s > L - 1)
@@ -114,7 +115,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_p
 
 
 @triton.jit(do_not_specialize=["s_an"])
-def _scan_bwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, dout_z_ptr, y_ptr,
+def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, dout_z_ptr, y_ptr,
                      states_ptr, scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dA_ptr, dD_ptr, dbias_ptr,
                      dbc_ptr, L, n_chunks, s_dd, s_db, s_dt, s_bd, s_bb, s_bt, s_zb, s_zt, s_gb, s_gt, s_xb, s_xt, s_an,
                      E: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
@@ -128,8 +129,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_p
     Dv, bias = tl.load(D_ptr + ch), tl.load(bias_ptr + ch)
     u_row = u_ptr + r * s_dd + b * s_db + d
     dl_row = delta_ptr + r * s_dd + b * s_db + d
-    b_row = B_ptr + r * s_bd + b * s_bb + n
-    c_row = C_ptr + r * s_bd + b * s_bb + n
+    bc_row = bc_ptr + r * s_bd + b * s_bb
     z_row = z_ptr + b * s_zb + d
     g_row = dout_z_ptr + b * s_gb + d
     y_row = y_ptr + b * L * E + d
@@ -146,7 +146,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_p
         c = n_chunks - 1 - i
         h = tl.load(st + (c - 1) * N * E, mask=c > 0, other=0.0)
         t = tl.where(r == 0, c * S, L - 1 - c * S)
-        nu, ndl, nB, nC, nz = _token(u_row, dl_row, b_row, c_row, z_row, t, s_dt, s_bt, s_zt, True)
+        nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N)
         ng = tl.load(g_row + t * s_gt).to(tl.float32)
         for j in range(S):   # this chunk's states, and dC, which needs only them
             s = c * S + j
@@ -154,9 +154,9 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_p
             t = tl.where(r == 0, s, L - 1 - s)
             u, dl, Bt, z, dout_z = nu, ndl, nB, nz, ng
             t_next = tl.where(r == 0, s + 1, L - 2 - s)
-            ok = (j + 1 < S) & (s + 1 < L)
-            nu, ndl, nB, nC, nz = _token(u_row, dl_row, b_row, c_row, z_row, t_next, s_dt, s_bt, s_zt, ok)
-            ng = tl.load(g_row + t_next * s_gt, mask=ok, other=0.0).to(tl.float32)
+            t_next = tl.minimum(tl.maximum(t_next, 0), L - 1)
+            nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t_next, s_dt, s_bt, s_zt, N)
+            ng = tl.load(g_row + t_next * s_gt).to(tl.float32)
             delta = _softplus(dl + bias)
             h = tl.exp(delta[None, :] * A) * h + Bt[:, None] * (delta * u)[None, :]
             tl.store(scratch + j * N * BD, h)
@@ -165,10 +165,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_p
         tl.debug_barrier()
         s = c * S + S - 1
         t = tl.where(r == 0, s, L - 1 - s)
-        ok = s < L
-        nu, ndl, nB, nC, nz = _token(u_row, dl_row, b_row, c_row, z_row, t, s_dt, s_bt, s_zt, ok)
-        ng = tl.load(g_row + t * s_gt, mask=ok, other=0.0).to(tl.float32)
-        ny = tl.load(y_row + t * E, mask=ok & first, other=0.0)
+        t = tl.minimum(tl.maximum(t, 0), L - 1)
+        nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N)
+        ng = tl.load(g_row + t * s_gt).to(tl.float32)
+        ny = tl.load(y_row + t * E)
         nh = tl.load(scratch + (S - 1) * N * BD)
         for jj in range(S):   # last token first
             j = S - 1 - jj
@@ -178,16 +178,16 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, A_ptr, D_ptr, bias_p
             m = (d < E) & valid
             u, dl, Bt, Ct, z, dout_z, y, h = nu, ndl, nB, nC, nz, ng, ny, nh
             t_next = tl.where(r == 0, s - 1, L - s)
-            ok = (j > 0) & (s - 1 < L)
-            nu, ndl, nB, nC, nz = _token(u_row, dl_row, b_row, c_row, z_row, t_next, s_dt, s_bt, s_zt, ok)
-            ng = tl.load(g_row + t_next * s_gt, mask=ok, other=0.0).to(tl.float32)
-            ny = tl.load(y_row + t_next * E, mask=ok & first, other=0.0)
-            nh = tl.load(scratch + (j - 1) * N * BD, mask=j > 0, other=0.0)
+            t_next = tl.minimum(tl.maximum(t_next, 0), L - 1)
+            nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t_next, s_dt, s_bt, s_zt, N)
+            ng = tl.load(g_row + t_next * s_gt).to(tl.float32)
+            ny = tl.load(y_row + t_next * E)
+            nh = tl.load(scratch + tl.maximum(j - 1, 0) * N * BD)
             delta_in = dl + bias
             delta = _softplus(delta_in)
             sig_z = tl.sigmoid(z)
-            dy = dout_z * z * sig_z
-            g = Ct[:, None] * dy[None, :] + g_carry         # 0 past L: masked loads give Ct = dy = 0
+            dy = tl.where(valid, dout_z * z * sig_z, 0.0)
+            g = Ct[:, None] * dy[None, :] + g_carry         # 0 past L (dy = 0 there, and g_carry starts at 0)
             g_carry = tl.exp(delta[None, :] * A) * g
             du_dx = delta * u
             decayed = (h - Bt[:, None] * du_dx[None, :]) * g   # g_t a_t h_prev
@@ -218,23 +218,22 @@ def supports(channels, d_state):
             and e % BWD_CHANNELS == 0)
 
 
-def _strides(u, delta, B, z):
-    if delta.stride(3) != 1 or B.stride(3) != 1 or z.stride(2) != 1 or u.stride() != delta.stride():
-        raise ValueError("the scan reads rows of contiguous channels (stride 1 there in delta, B, C and z), "
+def _strides(u, delta, BC, z):
+    if delta.stride(3) != 1 or BC.stride(3) != 1 or z.stride(2) != 1 or u.stride() != delta.stride():
+        raise ValueError("the scan reads rows of contiguous channels (stride 1 there in delta, BC and z), "
                          "and u in delta's layout")
     return (delta.stride(0), delta.stride(1), delta.stride(2),
-            B.stride(0), B.stride(1), B.stride(2), z.stride(0), z.stride(1))
+            BC.stride(0), BC.stride(1), BC.stride(2), z.stride(0), z.stride(1))
 
 
-def _check(u, delta, A, B, C, z, block):
+def _check(u, delta, A, BC, z, block):
     _, bt, length, e = u.shape
     n = A.shape[1]
     if u.shape != delta.shape or u.shape[0] != 2 or z.shape != (bt, length, e) or A.shape != (2 * e, n):
         raise ValueError(f"scan inputs do not fit u {tuple(u.shape)}: delta {tuple(delta.shape)}, "
                          f"z {tuple(z.shape)}, A {tuple(A.shape)}")
-    if B.shape != (2, bt, length, n) or C.shape != B.shape or C.stride() != B.stride():
-        raise ValueError(f"B and C must be (2, {bt}, {length}, {n}) with equal strides, got {tuple(B.shape)}, "
-                         f"{tuple(C.shape)}")
+    if BC.shape != (2, bt, length, 2 * n):
+        raise ValueError(f"BC must be (2, {bt}, {length}, {2 * n}) ([B | C] per token), got {tuple(BC.shape)}")
     if e % block:
         raise ValueError(f"channels per direction ({e}) must be a multiple of {block}")
     if n & (n - 1):
@@ -242,28 +241,28 @@ def _check(u, delta, A, B, C, z, block):
     return bt, length, e, n
 
 
-def scan_fwd(u, delta, B, C, z, A, D, delta_bias, channels=None, warps=None):
+def scan_fwd(u, delta, BC, z, A, D, delta_bias, channels=None, warps=None):
     """-> (y float32, out_z in u's dtype, states); shapes and math in the module docstring."""
     channels, warps = channels or FWD_CHANNELS, warps or FWD_WARPS
-    bt, length, e, n = _check(u, delta, A, B, C, z, channels)
+    bt, length, e, n = _check(u, delta, A, BC, z, channels)
     n_states = triton.cdiv(length, STATE_CHUNK) - 1
     y = torch.empty(bt, length, e, device=u.device, dtype=torch.float32)
     out_z = torch.empty(bt, length, e, device=u.device, dtype=u.dtype)
     states = torch.empty(bt, 2, n_states, n, e, device=u.device, dtype=torch.float32)
     _scan_fwd_kernel[(bt, e // channels)](
-        u, delta, B, C, z, A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous(),
-        y, out_z, states, length, n_states, *_strides(u, delta, B, z), 1, E=e, N=n, BD=channels, S=STATE_CHUNK,
+        u, delta, BC, z, A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous(),
+        y, out_z, states, length, n_states, *_strides(u, delta, BC, z), 1, E=e, N=n, BD=channels, S=STATE_CHUNK,
         num_warps=warps)
     return y, out_z, states
 
 
-def scan_bwd(u, delta, B, C, z, A, D, delta_bias, dout_z, y, states, dz, channels=None, warps=None):
+def scan_bwd(u, delta, BC, z, A, D, delta_bias, dout_z, y, states, dz, channels=None, warps=None):
     """Gradients of scan_fwd's out_z for its gradient dout_z (Bt, L, E); y and states as scan_fwd returned
     them. dz (z's shape, contiguous channels) receives z's gradient. Returns (du (2, Bt, L, E), ddelta (2, Bt, L, E),
     dA (2E, N), dB and dC together (2, Bt, L, 2N) float32, dD (2E), ddelta_bias (2E), out_z recomputed);
     ddelta is the gradient of delta_raw."""
     channels, warps = channels or BWD_CHANNELS, warps or BWD_WARPS
-    bt, length, e, n = _check(u, delta, A, B, C, z, channels)
+    bt, length, e, n = _check(u, delta, A, BC, z, channels)
     n_chunks = triton.cdiv(length, STATE_CHUNK)
     if states.shape != (bt, 2, n_chunks - 1, n, e):
         raise ValueError(f"states of shape {tuple(states.shape)} do not match the inputs "
@@ -279,18 +278,19 @@ def scan_bwd(u, delta, B, C, z, A, D, delta_bias, dout_z, y, states, dz, channel
     dA, dD, dbias = torch.empty(bt, 2 * e, n, **f32), torch.empty(bt, 2 * e, **f32), torch.empty(bt, 2 * e, **f32)
     dbc = torch.empty(2, blocks, bt, length, 2 * n, **f32)
     _scan_bwd_kernel[(bt, 2, blocks)](
-        u, delta, B, C, z, A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous(),
+        u, delta, BC, z, A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous(),
         dout_z, y, states, scratch, du, ddelta, dz, out_z, dA, dD, dbias, dbc, length, n_chunks,
-        *_strides(u, delta, B, z), dout_z.stride(0), dout_z.stride(1), dz.stride(0), dz.stride(1), 1, E=e, N=n, BD=channels, S=STATE_CHUNK,
+        *_strides(u, delta, BC, z), dout_z.stride(0), dout_z.stride(1), dz.stride(0), dz.stride(1), 1, E=e, N=n, BD=channels, S=STATE_CHUNK,
         num_warps=warps)
     return du, ddelta, dA.sum(0).to(A.dtype), dbc.sum(1), dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype), out_z
 
 
-def scan_ref(u, delta, B, C, z, A, D, delta_bias):
+def scan_ref(u, delta, BC, z, A, D, delta_bias):
     """scan_fwd's (y, out_z) step by step in float32 (float64 for float64 inputs), for tests and as the
     definition: each direction its own loop over the tokens."""
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     _, bt, length, e = u.shape
+    n = A.shape[1]
     y = torch.zeros(bt, length, e, dtype=ct, device=u.device)
     for r, steps in ((0, range(length)), (1, range(length - 1, -1, -1))):
         ch = slice(r * e, (r + 1) * e)
@@ -299,6 +299,6 @@ def scan_ref(u, delta, B, C, z, A, D, delta_bias):
         for t in steps:
             dt = torch.nn.functional.softplus(delta[r, :, t].to(ct) + delta_bias[ch].to(ct))
             u_t = u[r, :, t].to(ct)
-            h = torch.exp(dt[..., None] * A_r) * h + (dt * u_t)[..., None] * B[r, :, t, None].to(ct)
-            y[:, t] += (h * C[r, :, t, None].to(ct)).sum(-1) + D_r * u_t
+            h = torch.exp(dt[..., None] * A_r) * h + (dt * u_t)[..., None] * BC[r, :, t, None, :n].to(ct)
+            y[:, t] += (h * BC[r, :, t, None, n:].to(ct)).sum(-1) + D_r * u_t
     return y, (y * torch.nn.functional.silu(z.to(ct))).to(u.dtype)

@@ -33,7 +33,8 @@ def make_inputs(batch, e, n, rank, length, dtype):
              A=-torch.rand(2 * e, n, device="cuda") * 2 - 0.1, D=r(2 * e), delta_bias=r(2 * e) * 0.3,
              conv_w=r(2 * e, 4) * 0.5, conv_b=r(2 * e), dout=r(batch, length, e).to(dtype),
              dconv=r(2, batch, length, e).to(dtype))
-    x["B"], x["C"] = x["x_dbl"][..., rank:rank + n], x["x_dbl"][..., rank + n:]
+    x["BC"] = x["x_dbl"][..., rank:]
+    x["B"], x["C"] = x["BC"][..., :n], x["BC"][..., n:]
     x["z"] = x["xz"][..., e:]
 
     def cm(fwd, bwd):  # (B, L, E) twice -> (B, 2E, L) [fwd ; bwd flipped], contiguous
@@ -75,13 +76,13 @@ def scan_kernels(configs):
         fch, fw, bch, bw = config
 
         def fwd(x, fch=fch, fw=fw):
-            return kscan.scan_fwd(x["u"], x["delta"], x["B"], x["C"], x["z"], x["A"], x["D"], x["delta_bias"],
+            return kscan.scan_fwd(x["u"], x["delta"], x["BC"], x["z"], x["A"], x["D"], x["delta_bias"],
                                   channels=fch, warps=fw)
 
         def bwd(x, saved, bch=bch, bw=bw):
             y, out_z, states = saved
             dz = torch.empty_like(x["xz"])[..., x["z"].shape[-1]:]
-            du, _, dA, dbc = kscan.scan_bwd(x["u"], x["delta"], x["B"], x["C"], x["z"], x["A"], x["D"],
+            du, _, dA, dbc = kscan.scan_bwd(x["u"], x["delta"], x["BC"], x["z"], x["A"], x["D"],
                                             x["delta_bias"], x["dout"], y, states, dz, channels=bch, warps=bw)[:4]
             n = x["A"].shape[1]
             return out_z.float(), du.float(), dbc[0, ..., :n], dbc[0, ..., n:], dA

@@ -14,7 +14,7 @@ from kernels import conv as kconv, scan as kscan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S = kscan.STATE_CHUNK
-NAMES = ("u", "delta", "B", "C", "z", "A", "D", "delta_bias")
+NAMES = ("u", "delta", "BC", "z", "A", "D", "delta_bias")
 
 
 def rel(a, b):
@@ -22,18 +22,19 @@ def rel(a, b):
 
 
 def inputs(b, e, n, length, seed, rank=3):
-    """Token-major scan inputs; B and C are slices of one x_dbl rows (2, b, L, rank + 2n), z of one xz."""
+    """Token-major scan inputs; BC is a slice of x_dbl rows (2, b, L, rank + 2n), z of xz rows, as in the mixer."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     x_dbl, xz = r(2, b, length, rank + 2 * n), r(b, length, 2 * e)
-    return dict(u=r(2, b, length, e), delta=r(2, b, length, e) * 0.5 - 1.0, B=x_dbl[..., rank:rank + n],
-                C=x_dbl[..., rank + n:], z=xz[..., e:], A=-torch.rand(2 * e, n, generator=g) * 2 - 0.1, D=r(2 * e),
+    return dict(u=r(2, b, length, e), delta=r(2, b, length, e) * 0.5 - 1.0, BC=x_dbl[..., rank:], z=xz[..., e:], A=-torch.rand(2 * e, n, generator=g) * 2 - 0.1, D=r(2 * e),
                 delta_bias=r(2 * e) * 0.3)
 
 
 def reference(x):
     """(y, out_z) in float64 from ssm_ops.selective_scan_ref on [direction 0 ; direction 1 flipped] (B, 2E, L)."""
-    u, delta, B, C, z, A, D, bias = (x[k] for k in NAMES)
+    u, delta, BC, z, A, D, bias = (x[k] for k in NAMES)
+    n = A.shape[1]
+    B, C = BC[..., :n], BC[..., n:]
 
     def cm(t):  # (2, b, L, c) -> (b, 2c, L) with direction 1 flipped along L
         return torch.cat([t[0], t[1].flip(1)], 2).transpose(1, 2)
@@ -51,8 +52,7 @@ def run(x, dout_z):
     dz = torch.full((b, length, 2 * e), float("nan"), device=DEVICE)[..., e:]   # z's place in dxz
     got = kscan.scan_bwd(*(dev[k] for k in NAMES), dout_z.to(DEVICE), y, states, dz)
     du, ddelta, dA, dbc, dD, dbias, out_z2 = got
-    n = x["A"].shape[1]
-    grads = dict(u=du, delta=ddelta, B=dbc[..., :n], C=dbc[..., n:], z=dz, A=dA, D=dD, delta_bias=dbias)
+    grads = dict(u=du, delta=ddelta, BC=dbc, z=dz, A=dA, D=dD, delta_bias=dbias)
     return y, out_z, states, grads, out_z2
 
 
@@ -81,7 +81,7 @@ def test_scan_matches_float64_reference_and_autograd(b, e, n, length):
 def test_bfloat16_scan_matches_float64_reference():
     """bfloat16 sequences (float32 A, D, delta bias, as the model passes them): outputs and gradients match the
     float64 reference of the same rounded inputs to bfloat16 output precision."""
-    x = {k: v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v
+    x = {k: v.to(torch.bfloat16) if k in ("u", "delta", "BC", "z") else v
          for k, v in inputs(2, 32, 4, S + 5, seed=11).items()}
     leaves = {k: v.double().requires_grad_() for k, v in x.items()}
     _, ref_z = reference(leaves)
