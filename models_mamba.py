@@ -100,20 +100,31 @@ class BiMamba(nn.Module):
         """The kernels ('triton', 'cuda' or 'torch') this mixer runs with on tensors like ``tensor``."""
         return ssm_ops.resolve_backend(self.backend, tensor, 2 * self.d_inner, self.d_state)
 
-    def forward(self, hidden):
-        return ssm_ops.bimamba_inner(
-            hidden,
-            self.in_proj.weight,
-            torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1),
-            torch.cat([self.conv1d.bias, self.conv1d_b.bias]),
-            torch.stack([self.x_proj.weight, self.x_proj_b.weight]),
-            torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]),
-            _at_least_fp32(torch.cat([self.dt_proj.bias, self.dt_proj_b.bias])),
-            -torch.exp(_at_least_fp32(torch.cat([self.A_log, self.A_b_log]))),
-            _at_least_fp32(torch.cat([self.D, self.D_b])),
-            self.out_proj.weight,
-            self.backend,
-        )
+    def forward(self, hidden, params=None):
+        """hidden (B, L, D); params: this mixer's entry of stacked_params (computed here if not given)."""
+        params = params or stacked_params([self])[0]
+        return ssm_ops.bimamba_inner(hidden, self.in_proj.weight, *params, self.out_proj.weight, self.backend)
+
+
+def stacked_params(mixers):
+    """The two directions' parameters of every mixer, stacked as ssm_ops.bimamba_inner takes them (forward
+    direction first): one tuple (conv_w (2E, W), conv_b, x_proj_w (2, R+2N, E), dt_proj_w (2, E, R), dt_bias,
+    A = -exp(A_log) (2E, N), D) per mixer. Built for all mixers at once, a handful of ops per step instead of
+    per layer; A, D and the delta bias in at least float32."""
+    def both(get):
+        return [t for m in mixers for t in (get(m, ""), get(m, "_b"))]
+    n = len(mixers)
+    conv_w = torch.cat(both(lambda m, s: getattr(m, "conv1d" + s).weight))
+    stacked = (
+        conv_w.view(n, -1, conv_w.shape[-1]),
+        torch.cat(both(lambda m, s: getattr(m, "conv1d" + s).bias)).view(n, -1),
+        torch.stack(both(lambda m, s: getattr(m, "x_proj" + s).weight)).unflatten(0, (n, 2)),
+        torch.stack(both(lambda m, s: getattr(m, "dt_proj" + s).weight)).unflatten(0, (n, 2)),
+        _at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "dt_proj" + s).bias))).view(n, -1),
+        -torch.exp(_at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "A" + s + "_log"))))).unflatten(0, (n, -1)),
+        _at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "D" + s)))).view(n, -1),
+    )
+    return list(zip(*(t.unbind(0) for t in stacked)))
 
 
 class Block(nn.Module):
@@ -125,7 +136,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.fusion_r, self.fusion_order, self.fusion_mode = fusion_r, fusion_order, fusion_mode
 
-    def forward(self, hidden, residual, cls_index, size, source=None):
+    def forward(self, hidden, residual, cls_index, size, source=None, mixer_params=None):
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         # as Vim (residual_in_fp32): the residual stream stays float32, the normalised stream takes the mixer
         # output's dtype (bfloat16 / float16 under autocast), which is what the fusion then moves around
@@ -133,7 +144,7 @@ class Block(nn.Module):
         if self.fusion_r:
             hidden, residual, cls_index, size, source = token_fusion.fuse(
                 hidden, residual, self.fusion_r, cls_index, size, self.fusion_order, self.fusion_mode, source)
-        return self.mixer(hidden), residual, cls_index, size, source
+        return self.mixer(hidden, mixer_params), residual, cls_index, size, source
 
 
 class VisionMamba(nn.Module):
@@ -221,8 +232,8 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :i], self.cls_token.expand(x.shape[0], -1, -1), x[:, i:]], dim=1)
         hidden, residual, cls_index, size = self.pos_drop(x + self.pos_embed), None, i, None
         source = None if sources is None else token_fusion.identity_source(*x.shape[:2], x.device)
-        for layer in self.layers:
-            hidden, residual, cls_index, size, source = layer(hidden, residual, cls_index, size, source)
+        for layer, params in zip(self.layers, stacked_params([layer.mixer for layer in self.layers])):
+            hidden, residual, cls_index, size, source = layer(hidden, residual, cls_index, size, source, params)
             if sources is not None:
                 sources.append(source)
         hidden = self.norm_f(residual + self.drop_path(hidden))
