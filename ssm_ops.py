@@ -297,8 +297,10 @@ class BiMambaTritonFn(torch.autograd.Function):
         delta = torch.bmm(x_dbl[..., :rank], dt_proj_w.transpose(1, 2)).view(2, b, l, e)
         dout = dout.to(xz.dtype)
         dxz = torch.empty_like(xz)
+        dout_z = torch.matmul(dout, out_proj_w * 0.5)
         du, ddelta, dA, dBC, dD, ddt_bias, out_z = scan_kernels.scan_bwd(
-            u, delta, x_dbl[..., rank:].view(2, b, l, 2 * n), xz[..., e:], A, D, dt_bias, torch.matmul(dout, out_proj_w * 0.5), y, states, dxz[..., e:])
+            u, delta, x_dbl[..., rank:].view(2, b, l, 2 * n), xz[..., e:], A, D, dt_bias, dout_z, y, states,
+            dxz[..., e:])
         # Weight gradients reduce over batch and length: one GEMM per sample (reducing over L) and a sum over the
         # batch keep the whole GPU busy, where one GEMM with K = B*L would be skinny.
         dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), out_z)) * 0.5

@@ -193,7 +193,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
             decayed = (h - Bt[:, None] * du_dx[None, :]) * g   # g_t a_t h_prev
             gB = tl.sum(g * Bt[:, None], 0)
             out = b * L + t
-            tl.store(du_ptr + r * s_dd + b * s_db + t * s_dt + d, (delta * gB + Dv * dy).to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(du_ptr + r * s_dd + b * s_db + t * s_dt + d, (delta * gB + Dv * dy).to(du_ptr.dtype.element_ty),
+                     mask=m)
             ddelta = tl.where(m, (u * gB + tl.sum(decayed * A, 0)) * tl.sigmoid(delta_in), 0.0)
             tl.store(ddelta_ptr + (r * tl.num_programs(0) * L + out) * E + d, ddelta.to(ddelta_ptr.dtype.element_ty),
                      mask=m)
@@ -280,9 +281,10 @@ def scan_bwd(u, delta, BC, z, A, D, delta_bias, dout_z, y, states, dz, channels=
     _scan_bwd_kernel[(bt, 2, blocks)](
         u, delta, BC, z, A.float().contiguous(), D.float().contiguous(), delta_bias.float().contiguous(),
         dout_z, y, states, scratch, du, ddelta, dz, out_z, dA, dD, dbias, dbc, length, n_chunks,
-        *_strides(u, delta, BC, z), dout_z.stride(0), dout_z.stride(1), dz.stride(0), dz.stride(1), 1, E=e, N=n, BD=channels, S=STATE_CHUNK,
-        num_warps=warps)
-    return du, ddelta, dA.sum(0).to(A.dtype), dbc.sum(1), dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype), out_z
+        *_strides(u, delta, BC, z), dout_z.stride(0), dout_z.stride(1), dz.stride(0), dz.stride(1), 1, E=e, N=n,
+        BD=channels, S=STATE_CHUNK, num_warps=warps)
+    return (du, ddelta, dA.sum(0).to(A.dtype), dbc.sum(1), dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype),
+            out_z)
 
 
 def scan_ref(u, delta, BC, z, A, D, delta_bias):

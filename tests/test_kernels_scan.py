@@ -26,7 +26,8 @@ def inputs(b, e, n, length, seed, rank=3):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     x_dbl, xz = r(2, b, length, rank + 2 * n), r(b, length, 2 * e)
-    return dict(u=r(2, b, length, e), delta=r(2, b, length, e) * 0.5 - 1.0, BC=x_dbl[..., rank:], z=xz[..., e:], A=-torch.rand(2 * e, n, generator=g) * 2 - 0.1, D=r(2 * e),
+    return dict(u=r(2, b, length, e), delta=r(2, b, length, e) * 0.5 - 1.0, BC=x_dbl[..., rank:], z=xz[..., e:],
+                A=-torch.rand(2 * e, n, generator=g) * 2 - 0.1, D=r(2 * e),
                 delta_bias=r(2 * e) * 0.3)
 
 
