@@ -69,6 +69,11 @@ def check_backend(name):
                          f"Install them ({INSTALL_HINT}) or use ssm_backend='torch'.")
 
 
+def _triton_supports(channels, d_state):
+    """Whether kernels/ take a mixer with ``channels`` (both directions, 2E) and ``d_state``."""
+    return scan_kernels.supports(channels, d_state) and (channels // 2) % conv_kernels.CONV_CHANNELS == 0
+
+
 def resolve_backend(name, tensor, channels=None, d_state=None):
     """'triton', 'cuda' or 'torch' for an input tensor; 'auto' takes the kernels on CUDA tensors when
     installed, the Triton ones first unless they don't take the mixer's shape (channels = 2E, d_state)."""
@@ -82,7 +87,7 @@ def resolve_backend(name, tensor, channels=None, d_state=None):
     if not tensor.is_cuda:
         return "torch"
     for backend, (ok, _) in KERNEL_BACKENDS.items():
-        if ok and (backend != "triton" or channels is None or scan_kernels.supports(channels, d_state)):
+        if ok and (backend != "triton" or channels is None or _triton_supports(channels, d_state)):
             return backend
     if not _warned_no_kernels:
         warnings.warn("\n" + "!" * 80 + "\nRunning Vision Mamba on CUDA WITHOUT kernels (Triton, or mamba-ssm + "
