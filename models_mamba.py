@@ -102,18 +102,22 @@ class BiMamba(nn.Module):
 
     def forward(self, hidden, params=None):
         """hidden (B, L, D); params: this mixer's entry of stacked_params (computed here if not given)."""
-        params = params or stacked_params([self])[0]
+        params = params or stacked_params([self], hidden)[0]
         return ssm_ops.bimamba_inner(hidden, self.in_proj.weight, *params, self.out_proj.weight, self.backend)
 
 
-def stacked_params(mixers):
+def stacked_params(mixers, like):
     """The two directions' parameters of every mixer, stacked as ssm_ops.bimamba_inner takes them (forward
     direction first): one tuple (conv_w (2E, W), conv_b, x_proj_w (2, R+2N, E), dt_proj_w (2, E, R), dt_bias,
     A = -exp(A_log) (2E, N), D) per mixer. Built for all mixers at once, a handful of ops per step instead of
-    per layer; A, D and the delta bias in at least float32."""
+    per layer; A, D and the delta bias in at least float32. For the Triton kernels (on tensors like ``like``)
+    A is stored (N, 2E), as they read it."""
     def both(get):
         return [t for m in mixers for t in (get(m, ""), get(m, "_b"))]
     n = len(mixers)
+    A = -torch.exp(_at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "A" + s + "_log"))))).unflatten(0, (n, -1))
+    if mixers[0].kernels(like) == "triton":
+        A = A.mT.contiguous().mT
     conv_w = torch.cat(both(lambda m, s: getattr(m, "conv1d" + s).weight))
     stacked = (
         conv_w.view(n, -1, conv_w.shape[-1]),
@@ -121,7 +125,7 @@ def stacked_params(mixers):
         torch.stack(both(lambda m, s: getattr(m, "x_proj" + s).weight)).unflatten(0, (n, 2)),
         torch.stack(both(lambda m, s: getattr(m, "dt_proj" + s).weight)).unflatten(0, (n, 2)),
         _at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "dt_proj" + s).bias))).view(n, -1),
-        -torch.exp(_at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "A" + s + "_log"))))).unflatten(0, (n, -1)),
+        A,
         _at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "D" + s)))).view(n, -1),
     )
     return list(zip(*(t.unbind(0) for t in stacked)))
@@ -232,7 +236,7 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :i], self.cls_token.expand(x.shape[0], -1, -1), x[:, i:]], dim=1)
         hidden, residual, cls_index, size = self.pos_drop(x + self.pos_embed), None, i, None
         source = None if sources is None else token_fusion.identity_source(*x.shape[:2], x.device)
-        for layer, params in zip(self.layers, stacked_params([layer.mixer for layer in self.layers])):
+        for layer, params in zip(self.layers, stacked_params([layer.mixer for layer in self.layers], x)):
             hidden, residual, cls_index, size, source = layer(hidden, residual, cls_index, size, source, params)
             if sources is not None:
                 sources.append(source)

@@ -286,15 +286,16 @@ class BiMambaTritonFn(torch.autograd.Function):
         x_dbl = torch.bmm(u.view(2, b * l, e), x_proj_w.transpose(1, 2))
         rank = x_dbl.shape[-1] - 2 * n
         delta = torch.bmm(x_dbl[..., :rank], dt_proj_w.transpose(1, 2)).view(2, b, l, e)
-        y, out_z, states = scan_kernels.scan_fwd(u, delta, x_dbl[..., rank:].view(2, b, l, 2 * n), xz[..., e:], A, D,
-                                                 dt_bias)
-        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, y)
+        BC = scan_kernels.bc_rows(x_dbl[..., rank:].view(2, b, l, 2 * n))   # float32 x_dbl: a view; else a copy
+        y, out_z, states = scan_kernels.scan_fwd(u, delta, BC, xz[..., e:], A, D, dt_bias)
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, BC, states,
+                              y)
         return F.linear(out_z, out_proj_w * 0.5)   # the /2 folded into the weight
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, states, y = ctx.saved_tensors
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, BC, states, y = ctx.saved_tensors
         b, l, e2 = xz.shape
         e, n, k = e2 // 2, A.shape[-1], x_dbl.shape[-1]
         rank = k - 2 * n
@@ -304,8 +305,7 @@ class BiMambaTritonFn(torch.autograd.Function):
         dxz = torch.empty_like(xz)
         dout_z = torch.matmul(dout, out_proj_w * 0.5)
         du, ddelta, dA, dBC, dD, ddt_bias, out_z = scan_kernels.scan_bwd(
-            u, delta, x_dbl[..., rank:].view(2, b, l, 2 * n), xz[..., e:], A, D, dt_bias, dout_z, y, states,
-            dxz[..., e:])
+            u, delta, BC, xz[..., e:], A, D, dt_bias, dout_z, y, states, dxz[..., e:])
         # Weight gradients reduce over batch and length: one GEMM per sample (reducing over L) and a sum over the
         # batch keep the whole GPU busy, where one GEMM with K = B*L would be skinny.
         dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), out_z)) * 0.5

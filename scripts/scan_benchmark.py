@@ -7,8 +7,9 @@ d_state 16), forward and backward time against the token count, and their agreem
 mamba-ssm's kernels take the channel-major layout ssm_ops's `cuda` backend gives them (a sequence next to its
 flip, one B/C group per direction); the Triton kernels the token-major one of the `triton` backend. The inputs
 are the same numbers in both layouts, and ``rel_diff`` is the worst relative difference of the output and of
-du, dB, dC, dA to mamba-ssm's. A config is fwd_channels:fwd_warps:bwd_channels:bwd_warps; ``default`` is the
-kernels' own setting.
+du, dB, dC, dA to mamba-ssm's. Each side gets B and C as its backend's mixer hands them over (mamba-ssm: contiguous
+copies; the Triton scan: kernels.scan.bc_rows of the x_dbl slice, a view in float32, and A stored (N, 2E)),
+prepared outside the timing.
 """
 import argparse
 import json
@@ -34,6 +35,8 @@ def make_inputs(batch, e, n, rank, length, dtype):
              conv_w=r(2 * e, 4) * 0.5, conv_b=r(2 * e), dout=r(batch, length, e).to(dtype),
              dconv=r(2, batch, length, e).to(dtype))
     x["BC"] = x["x_dbl"][..., rank:]
+    x["BC_rows"] = kscan.bc_rows(x["BC"])
+    x["A_nmajor"] = x["A"].t().contiguous().t()   # stored (N, 2E), as models_mamba.stacked_params hands it over
     x["B"], x["C"] = x["BC"][..., :n], x["BC"][..., n:]
     x["z"] = x["xz"][..., e:]
 
@@ -57,7 +60,7 @@ def _unmirrored(t):  # (B, 2E, L) -> (2, B, L, E) at the original token position
     return torch.stack([t[:, :e], t[:, e:].flip(-1)]).transpose(2, 3).float()
 
 
-def scan_kernels(configs):
+def scan_kernels():
     """name -> (fwd(x) -> saved, bwd(x, saved) -> comparable tensors (out_z, du, dB, dC, dA))."""
     found = {}
     if ssm_ops.MAMBA_SCAN_AVAILABLE:
@@ -72,21 +75,18 @@ def scan_kernels(configs):
                                                   x["delta_bias"], c["dout"], states, out)[:5]
             return (_folded(out_z), _unmirrored(du), dB[:, 0].transpose(1, 2), dC[:, 0].transpose(1, 2), dA)
         found["mamba scan"] = (fwd, bwd)
-    for config in configs:
-        fch, fw, bch, bw = config
 
-        def fwd(x, fch=fch, fw=fw):
-            return kscan.scan_fwd(x["u"], x["delta"], x["BC"], x["z"], x["A"], x["D"], x["delta_bias"],
-                                  channels=fch, warps=fw)
+    def fwd(x):
+        return kscan.scan_fwd(x["u"], x["delta"], x["BC_rows"], x["z"], x["A_nmajor"], x["D"], x["delta_bias"])
 
-        def bwd(x, saved, bch=bch, bw=bw):
-            y, out_z, states = saved
-            dz = torch.empty_like(x["xz"])[..., x["z"].shape[-1]:]
-            du, _, dA, dbc = kscan.scan_bwd(x["u"], x["delta"], x["BC"], x["z"], x["A"], x["D"],
-                                            x["delta_bias"], x["dout"], y, states, dz, channels=bch, warps=bw)[:4]
-            n = x["A"].shape[1]
-            return out_z.float(), du.float(), dbc[0, ..., :n], dbc[0, ..., n:], dA
-        found["triton scan " + ("default" if fch is None else ":".join(map(str, config)))] = (fwd, bwd)
+    def bwd(x, saved):
+        y, out_z, states = saved
+        dz = torch.empty_like(x["xz"])[..., x["z"].shape[-1]:]
+        du, _, dA, dbc = kscan.scan_bwd(x["u"], x["delta"], x["BC_rows"], x["z"], x["A_nmajor"], x["D"],
+                                        x["delta_bias"], x["dout"], y, states, dz)[:4]
+        n = x["A"].shape[1]
+        return out_z.float(), du.float(), dbc[0, ..., :n], dbc[0, ..., n:], dA
+    found["triton scan"] = (fwd, bwd)
     return found
 
 
@@ -112,8 +112,7 @@ def median_ms(fn):
 
 def main(args):
     rows = []
-    configs = [(None,) * 4 if c == "default" else tuple(int(v) for v in c.split(":")) for c in args.configs]
-    families = [scan_kernels(configs)] + ([conv_kernels()] if args.conv else [])
+    families = [scan_kernels()] + ([conv_kernels()] if args.conv else [])
     for dname in args.dtypes:
         for length in args.lengths:
             x = make_inputs(args.batch, args.channels // 2, args.d_state, args.dt_rank, length, DTYPES[dname])
@@ -155,7 +154,6 @@ if __name__ == "__main__":
     p.add_argument("--dt-rank", type=int, default=12)
     p.add_argument("--lengths", type=int, nargs="+", default=[197, 129, 33])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
-    p.add_argument("--configs", nargs="+", default=["default"])
     p.add_argument("--conv", action="store_true", help="also time the conv kernels")
     p.add_argument("--output", default="")
     main(p.parse_args())

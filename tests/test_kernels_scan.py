@@ -95,6 +95,22 @@ def test_bfloat16_scan_matches_float64_reference():
         assert rel(grads[name], grad) < 1e-2, (name, rel(grads[name], grad))
 
 
+def test_scan_reads_every_layout_of_A_and_BC_alike():
+    """A stored (N, 2E) as models_mamba hands it over, or row-major; BC a float32 x_dbl slice whose rows the
+    kernels read in place (row length and offset multiples of 4) or one they copy (odd offset): the
+    same numbers give the same outputs and gradients, and only the aligned float32 slice is read in place."""
+    x = inputs(1, 32, 4, S + 3, seed=3, rank=4)            # x_dbl rows of 4 + 8 floats, B/C at offset 4
+    assert kscan.bc_rows(x["BC"]).data_ptr() == x["BC"].data_ptr()
+    odd = inputs(1, 32, 4, S + 3, seed=3, rank=3)["BC"]    # offset 3: not 16-byte aligned
+    odd.copy_(x["BC"])
+    assert kscan.bc_rows(odd).data_ptr() != odd.data_ptr() and kscan.bc_rows(odd).is_contiguous()
+    dout_z = torch.randn(x["z"].shape, generator=torch.Generator().manual_seed(4))
+    base = run(x, dout_z)
+    for variant in (dict(A=x["A"].t().contiguous().t()), dict(BC=odd)):
+        got = run({**x, **variant}, dout_z)
+        assert torch.equal(got[1], base[1]) and all(torch.equal(got[3][k], base[3][k]) for k in NAMES)
+
+
 def test_scan_ref_is_the_same_recurrence():
     """kernels/scan.py's own step-by-step reference agrees with the flipped-copy composition."""
     x = {k: v.double() for k, v in inputs(2, 32, 4, 9, seed=5).items()}
@@ -107,7 +123,7 @@ def test_scan_rejects_bad_shapes():
     x = inputs(1, 32, 6, 10, seed=0)
     with pytest.raises(ValueError, match="power of two"):
         kscan.scan_fwd(*(x[k].to(DEVICE) for k in NAMES))
-    x = inputs(1, kscan.FWD_CHANNELS + 8, 4, 10, seed=0)  # a direction's channels don't fill programs
+    x = inputs(1, kscan.CHANNELS + 8, 4, 10, seed=0)  # a direction's channels don't fill programs
     with pytest.raises(ValueError, match="multiple of"):
         kscan.scan_fwd(*(x[k].to(DEVICE) for k in NAMES))
     x = {k: v.to(DEVICE) for k, v in inputs(1, 32, 4, 10, seed=0).items()}
