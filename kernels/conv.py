@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Launcher
+
 CONV_WIDTH = 4
 CONV_CHANNELS, CONV_TOKENS = 32, 32
 
@@ -33,6 +35,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, s_xb, s_xt, E: tl.constexp
     row = (r * tl.num_programs(0) + b) * L
     tl.store(out_ptr + (row + t[:, None]) * E + e[None, :], (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty),
              mask=(t < L)[:, None])
+
+
+_conv_fwd = Launcher(_conv_fwd_kernel)
 
 
 @triton.jit
@@ -96,6 +101,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, s
     tl.store(db_ptr + part + E, cb)
 
 
+_conv_bwd = Launcher(_conv_bwd_kernel)
+
+
 def _check(x, weight):
     if weight.shape[-1] != CONV_WIDTH:
         raise ValueError(f"the Triton conv has width {CONV_WIDTH}, got a weight of shape {tuple(weight.shape)}; "
@@ -112,7 +120,7 @@ def conv_fwd(x, weight, bias):
     _check(x, weight)
     bt, length, e = x.shape
     out = torch.empty(2, bt, length, e, device=x.device, dtype=x.dtype)
-    _conv_fwd_kernel[(bt, 2 * e // CONV_CHANNELS, triton.cdiv(length, CONV_TOKENS))](
+    _conv_fwd[(bt, 2 * e // CONV_CHANNELS, triton.cdiv(length, CONV_TOKENS))](
         x, weight.contiguous(), bias.contiguous(), out, length, x.stride(0), x.stride(1), E=e, BD=CONV_CHANNELS,
         BL=CONV_TOKENS)
     return out
@@ -128,7 +136,7 @@ def conv_bwd(x, weight, bias, dout, dx):
     blocks = triton.cdiv(length, CONV_TOKENS)
     dw = torch.empty(bt * blocks, 2 * e, CONV_WIDTH, device=x.device, dtype=torch.float32)
     db = torch.empty(bt * blocks, 2 * e, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(bt, e // CONV_CHANNELS, blocks)](
+    _conv_bwd[(bt, e // CONV_CHANNELS, blocks)](
         x, weight.contiguous(), bias.contiguous(), dout, dx, dw, db, length, x.stride(0), x.stride(1), E=e,
         BD=CONV_CHANNELS, BL=CONV_TOKENS)
     return dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Launcher
+
 
 # ----------------------------------------------------------------------------- token matching (token_fusion.fuse)
 # In torch, bipartite matching and the fusion map it implies take about 30 small kernels per fused layer (normalise,
@@ -66,6 +68,9 @@ def _fusion_map_kernel(x_ptr, cls_ptr, src_ptr, dst_ptr, keep_ptr, dest_ptr, wei
         tl.store(cls_out_ptr + b, tl.where(cls % 2 == 0, cls_pos, first_b + cls // 2).to(tl.int64))
 
 
+_fusion_map = Launcher(_fusion_map_kernel)
+
+
 FUSION_MAP_MAX_TOKENS = 256  # a program holds the (T/2)^2 scores in registers: 128 x 128 at most
 
 
@@ -88,7 +93,7 @@ def fusion_map(x, r, cls_index=None):
     weight = torch.empty(bt, t - r, 1, device=x.device, dtype=torch.float32)
     cls_out = torch.empty(bt, **long)
     mode = 0 if cls_index is None else 1 if isinstance(cls_index, int) else 2
-    _fusion_map_kernel[(bt,)](
+    _fusion_map[(bt,)](
         x, cls_index.contiguous() if mode == 2 else cls_out, src, dst_out, keep, dest, weight, cls_out,
         t, c, na, nb, r, cls_index if mode == 1 else 0, CLS_MODE=mode,
         BA=max(16, triton.next_power_of_2(na)), BB=max(16, triton.next_power_of_2(nb)), BC=32, num_warps=8)
@@ -118,6 +123,9 @@ def _merge_rows_kernel(x_ptr, out_ptr, keep_ptr, src_ptr, dst_ptr, weight_ptr, T
     tl.store(out_ptr + row.to(tl.int64) * C + c, out.to(out_ptr.dtype.element_ty), mask=cm)
 
 
+_merge_rows = Launcher(_merge_rows_kernel)
+
+
 @triton.jit
 def _gather_rows_kernel(g_ptr, out_ptr, dest_ptr, weight_ptr, T, T_OUT, C, BLOCK: tl.constexpr):
     row = tl.program_id(0)   # b * T + i
@@ -126,6 +134,9 @@ def _gather_rows_kernel(g_ptr, out_ptr, dest_ptr, weight_ptr, T, T_OUT, C, BLOCK
     j = (row // T).to(tl.int64) * T_OUT + tl.load(dest_ptr + row)
     g = tl.load(g_ptr + j * C + c, mask=cm).to(tl.float32) / tl.load(weight_ptr + j)
     tl.store(out_ptr + row.to(tl.int64) * C + c, g.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+_gather_rows = Launcher(_gather_rows_kernel)
 
 
 def _row_block(c):
@@ -140,7 +151,7 @@ def merge_rows(x, keep, src, dst, weight):
     bt, t, c = x.shape
     t_out, r = keep.shape[1], src.shape[1]
     out = torch.empty(bt, t_out, c, device=x.device, dtype=x.dtype)
-    _merge_rows_kernel[(bt * t_out,)](x, out, keep.contiguous(), src.contiguous(), dst.contiguous(),
+    _merge_rows[(bt * t_out,)](x, out, keep.contiguous(), src.contiguous(), dst.contiguous(),
                                       weight.contiguous(), t, t_out, r, c, **_row_block(c))
     return out
 
@@ -152,5 +163,5 @@ def gather_rows(g, dest, weight):
     bt, t_out, c = g.shape
     t = dest.shape[1]
     out = torch.empty(bt, t, c, device=g.device, dtype=g.dtype)
-    _gather_rows_kernel[(bt * t,)](g, out, dest.contiguous(), weight.contiguous(), t, t_out, c, **_row_block(c))
+    _gather_rows[(bt * t,)](g, out, dest.contiguous(), weight.contiguous(), t, t_out, c, **_row_block(c))
     return out

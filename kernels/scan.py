@@ -27,16 +27,20 @@ dB and dC are sums over the warp's channels (``_channel_sums``: a butterfly that
 sum) written as float32 partial sums per channel block, dA, dD and the delta bias's gradient per batch row; the
 caller adds them up, so the gradients are deterministic.
 
-How the code keeps the compiler to this layout (checked in the compiled loops: no shared memory, no shuffles
-but the channel sums, scripts/scan_benchmark.py): every (N, channels) tile in memory has consecutive channels
-consecutive (A is read stored (N, 2E)) at an offset the compiler cannot prove aligned (``s_zero``), and the
-small B/C rows come in through inline PTX, which Triton's interpreter replaces by plain loads.
+How the code keeps the compiler to this layout (checked in the compiled loops of Triton 3.6 and 3.8: no shared
+memory, no shuffles but the channel sums): every (N, channels) tile in memory has consecutive channels
+consecutive (A is read stored (N, 2E)), no argument is specialised (so no alignment is known that would
+invite wide accesses along the channels, splitting a channel's states over threads), and the small B/C rows
+come in through inline PTX, which Triton's interpreter replaces by plain loads.
 """
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.launch import Launcher
 
 STATE_CHUNK = 16   # steps between kept states = the backward pass's chunk
 # A program is one warp with one channel per lane (the backward's channel sums shuffle across the lanes).
@@ -44,6 +48,14 @@ CHANNELS = 32
 # Triton's interpreter (the CPU tests) runs no PTX: it takes the tl.gather / tl.load forms of the PTX helpers
 PTX = os.environ.get("TRITON_INTERPRET", "0") != "1"
 LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)
+
+
+def _unspecialised(fn):
+    """triton.jit with no argument specialised on its value or alignment (see the module docstring)."""
+    names = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[n for n, p in names.items() if p.annotation is inspect.Parameter.empty
+                                             and not n.endswith("_ptr")],
+                      do_not_specialize_on_alignment=[n for n in names if n.endswith("_ptr")])
 
 
 @triton.jit
@@ -73,11 +85,13 @@ def _row(ptrs, PTX: tl.constexpr):
 
 @triton.jit
 def _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N: tl.constexpr, PTX: tl.constexpr):
-    """One token's inputs of one direction, in float32: u, delta before softplus, B, C (N,), z. Callers clamp t
-    into the sequence rather than mask the loads (a masked load costs a second instruction per value)."""
+    """One token's inputs of one direction: u, delta before softplus, B, C (N,) float32, z. Callers clamp t
+    into the sequence rather than mask the loads (a masked load costs a second instruction per value), and
+    convert u, delta and z to float32 only in the step that uses them: a conversion right after the load would
+    wait for it, where the step ahead is what hides its latency."""
     bc = bc_row + t * s_bt + tl.arange(0, N)
-    return (tl.load(u_row + t * s_dt).to(tl.float32), tl.load(dl_row + t * s_dt).to(tl.float32),
-            _row(bc, PTX), _row(bc + N, PTX), tl.load(z_row + t * s_zt).to(tl.float32))
+    return (tl.load(u_row + t * s_dt), tl.load(dl_row + t * s_dt), _row(bc, PTX), _row(bc + N, PTX),
+            tl.load(z_row + t * s_zt))
 
 
 @triton.jit
@@ -110,18 +124,15 @@ def _channel_sums(x, N: tl.constexpr, LOG_N: tl.constexpr, BD: tl.constexpr, PTX
     return tl.reshape(x, (BD,))
 
 
-@triton.jit(do_not_specialize=["s_zero"])
+@_unspecialised
 def _scan_fwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, y_ptr, out_z_ptr, states_ptr,
-                     L, n_states, s_dd, s_db, s_dt, s_bd, s_bb, s_bt, s_zb, s_zt, s_zero,
+                     L, n_states, s_dd, s_db, s_dt, s_bd, s_bb, s_bt, s_zb, s_zt,
                      E: tl.constexpr, N: tl.constexpr, BD: tl.constexpr, S: tl.constexpr, PTX: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     n = tl.arange(0, N)
-    # (N, channels) tiles, a thread holding all N states of its channel: every tile in memory has consecutive
-    # channels consecutive, and their offset s_zero = 0 stays unknown to the compiler, so that it lays the
-    # tiles out along the channels a value per thread, not for wide accesses (which would split a channel's
-    # states over threads).
-    tile = n[:, None] * 2 * E + d[None, :] + s_zero   # A stored (N, 2E)
+    # (N, channels) tiles, a thread holding all N states of its channel (module docstring: how)
+    tile = n[:, None] * 2 * E + d[None, :]   # A stored (N, 2E)
     A0 = tl.load(A_ptr + tile) * LOG2E
     A1 = tl.load(A_ptr + E + tile) * LOG2E
     D0, D1 = tl.load(D_ptr + d), tl.load(D_ptr + E + d)
@@ -133,7 +144,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, y_
     z_row = z_ptr + b * s_zb + d
     y_row = y_ptr + b * L * E + d
     oz_row = out_z_ptr + b * L * E + d
-    st = states_ptr + b * 2 * n_states * N * E + n[:, None] * E + d[None, :] + s_zero
+    st = states_ptr + b * 2 * n_states * N * E + n[:, None] * E + d[None, :]
     h0 = tl.zeros([N, BD], dtype=tl.float32)
     h1 = tl.zeros([N, BD], dtype=tl.float32)
     # each step's loads are issued one step ahead, so that their latency hides behind a step of arithmetic
@@ -141,8 +152,8 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, y_
     nu1, ndl1, nB1, nC1, nz1 = _token(u_row + s_dd, dl_row + s_dd, bc1, z_row, L - 1, s_dt, s_bt, s_zt, N, PTX)
     for s in range(L):
         t0, t1 = s, L - 1 - s
-        u0, dl0, B0, C0, z0 = nu0, ndl0, nB0, nC0, nz0
-        u1, dl1, B1, C1, z1 = nu1, ndl1, nB1, nC1, nz1
+        u0, dl0, B0, C0, z0 = nu0.to(tl.float32), ndl0.to(tl.float32), nB0, nC0, nz0.to(tl.float32)
+        u1, dl1, B1, C1, z1 = nu1.to(tl.float32), ndl1.to(tl.float32), nB1, nC1, nz1.to(tl.float32)
         nu0, ndl0, nB0, nC0, nz0 = _token(u_row, dl_row, bc0, z_row, tl.minimum(t0 + 1, L - 1), s_dt, s_bt,
                                           s_zt, N, PTX)
         nu1, ndl1, nB1, nC1, nz1 = _token(u_row + s_dd, dl_row + s_dd, bc1, z_row, tl.maximum(t1 - 1, 0), s_dt,
@@ -168,11 +179,10 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, y_
             tl.store(st + n_states * N * E + at, h1)
 
 
-@triton.jit(do_not_specialize=["s_zero"])
+@_unspecialised
 def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, dout_z_ptr, y_ptr,
-                     states_ptr, scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dA_ptr, dD_ptr, dbias_ptr,
+                     states_ptr, scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dparams_ptr,
                      dbc_ptr, L, n_chunks, s_dd, s_db, s_dt, s_bd, s_bb, s_bt, s_zb, s_zt, s_gb, s_gt, s_xb, s_xt,
-                     s_zero,
                      E: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, BD: tl.constexpr, S: tl.constexpr,
                      PTX: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -182,7 +192,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
     d = blk * BD + lane                       # channel within the direction
     n = tl.arange(0, N)
     ch = r * E + d
-    tile = n[:, None] * 2 * E + ch[None, :] + s_zero   # as in the forward kernel: one channel per thread
+    tile = n[:, None] * 2 * E + ch[None, :]   # as in the forward kernel: one channel per thread
     A2 = tl.load(A_ptr + tile) * LOG2E   # (N, channels)
     Dv, bias = tl.load(D_ptr + ch), tl.load(bias_ptr + ch)
     u_row = u_ptr + r * s_dd + b * s_db + d
@@ -196,8 +206,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
     # a channel sum lands in lane l for state l // (BD // N); one lane of each group writes it
     dbc_row = dbc_ptr + ((r * n_blocks + blk) * tl.num_programs(0) + b) * L * 2 * N + lane // (BD // N)
     sums_out = lane % (BD // N) == 0
-    scratch = scratch_ptr + ((b * 2 + r) * n_blocks + blk) * S * N * BD + n[:, None] * BD + lane[None, :] + s_zero
-    st = states_ptr + (b * 2 + r) * (n_chunks - 1) * N * E + n[:, None] * E + d[None, :] + s_zero
+    scratch = scratch_ptr + ((b * 2 + r) * n_blocks + blk) * S * N * BD + n[:, None] * BD + lane[None, :]
+    st = states_ptr + (b * 2 + r) * (n_chunks - 1) * N * E + n[:, None] * E + d[None, :]
     g_carry = tl.zeros([N, BD], dtype=tl.float32)   # a_next g_next
     dA = tl.zeros([N, BD], dtype=tl.float32)
     dD = tl.zeros([BD], dtype=tl.float32)
@@ -208,15 +218,15 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
         h = tl.load(st + (c - 1) * N * E, mask=c > 0, other=0.0)
         t = tl.where(r == 0, c * S, L - 1 - c * S)
         nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N, PTX)
-        ng = tl.load(g_row + t * s_gt).to(tl.float32)
+        ng = tl.load(g_row + t * s_gt)
         for j in range(steps):   # this chunk's states, and dC, which needs only them
             s = c * S + j
             t = tl.where(r == 0, s, L - 1 - s)
-            u, dl, Bt, z, dout_z = nu, ndl, nB, nz, ng
+            u, dl, Bt, z, dout_z = nu.to(tl.float32), ndl.to(tl.float32), nB, nz.to(tl.float32), ng.to(tl.float32)
             t_next = tl.where(r == 0, s + 1, L - 2 - s)
             t_next = tl.minimum(tl.maximum(t_next, 0), L - 1)
             nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t_next, s_dt, s_bt, s_zt, N, PTX)
-            ng = tl.load(g_row + t_next * s_gt).to(tl.float32)
+            ng = tl.load(g_row + t_next * s_gt)
             delta = _softplus(dl + bias)
             h = tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * u)[None, :]
             tl.store(scratch + j * N * BD, h)
@@ -226,18 +236,19 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
         s = c * S + steps - 1
         t = tl.where(r == 0, s, L - 1 - s)
         nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N, PTX)
-        ng = tl.load(g_row + t * s_gt).to(tl.float32)
+        ng = tl.load(g_row + t * s_gt)
         ny = tl.load(y_row + t * E)
         nh = tl.load(scratch + (steps - 1) * N * BD)
         for jj in range(steps):   # last token first
             j = steps - 1 - jj
             s = c * S + j
             t = tl.where(r == 0, s, L - 1 - s)
-            u, dl, Bt, Ct, z, dout_z, y, h = nu, ndl, nB, nC, nz, ng, ny, nh
+            u, dl, Bt, Ct, z, dout_z, y, h = (nu.to(tl.float32), ndl.to(tl.float32), nB, nC, nz.to(tl.float32),
+                                              ng.to(tl.float32), ny, nh)
             t_next = tl.where(r == 0, s - 1, L - s)
             t_next = tl.minimum(tl.maximum(t_next, 0), L - 1)
             nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t_next, s_dt, s_bt, s_zt, N, PTX)
-            ng = tl.load(g_row + t_next * s_gt).to(tl.float32)
+            ng = tl.load(g_row + t_next * s_gt)
             ny = tl.load(y_row + t_next * E)
             nh = tl.load(scratch + tl.maximum(j - 1, 0) * N * BD)
             delta_in = dl + bias
@@ -261,9 +272,13 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
                 dz_ptr.dtype.element_ty), mask=first)
             tl.store(out_z_ptr + out * E + d, (y * z * sig_z).to(out_z_ptr.dtype.element_ty), mask=first)
         tl.debug_barrier()
-    tl.store(dA_ptr + b * N * 2 * E + tile, dA)   # (Bt, N, 2E)
-    tl.store(dD_ptr + b * 2 * E + ch, dD)
-    tl.store(dbias_ptr + b * 2 * E + ch, dbias)
+    dparams = dparams_ptr + b * (N + 2) * 2 * E   # (Bt, N + 2, 2E): [dA (N rows) ; dD ; ddelta_bias]
+    tl.store(dparams + tile, dA)
+    tl.store(dparams + N * 2 * E + ch, dD)
+    tl.store(dparams + (N + 1) * 2 * E + ch, dbias)
+
+
+_scan_fwd, _scan_bwd = Launcher(_scan_fwd_kernel), Launcher(_scan_bwd_kernel)
 
 
 def supports(channels, d_state):
@@ -316,9 +331,9 @@ def scan_fwd(u, delta, BC, z, A, D, delta_bias):
     y = torch.empty(bt, length, e, device=u.device, dtype=torch.float32)
     out_z = torch.empty(bt, length, e, device=u.device, dtype=u.dtype)
     states = torch.empty(bt, 2, n_states, n, e, device=u.device, dtype=torch.float32)
-    _scan_fwd_kernel[(bt, e // CHANNELS)](
+    _scan_fwd[(bt, e // CHANNELS)](
         u, delta, BC, z, *_params(A, D, delta_bias), y, out_z, states, length, n_states,
-        *_strides(u, delta, BC, z), 0, E=e, N=n, BD=CHANNELS, S=STATE_CHUNK, PTX=PTX, num_warps=1)
+        *_strides(u, delta, BC, z), E=e, N=n, BD=CHANNELS, S=STATE_CHUNK, PTX=PTX, num_warps=1)
     return y, out_z, states
 
 
@@ -341,15 +356,16 @@ def scan_bwd(u, delta, BC, z, A, D, delta_bias, dout_z, y, states, dz):
     ddelta = torch.empty(2, bt, length, e, device=u.device, dtype=delta.dtype)
     out_z = torch.empty(bt, length, e, device=u.device, dtype=u.dtype)
     scratch = torch.empty(bt * 2 * blocks, STATE_CHUNK, n, CHANNELS, **f32)
-    dA, dD, dbias = torch.empty(bt, n, 2 * e, **f32), torch.empty(bt, 2 * e, **f32), torch.empty(bt, 2 * e, **f32)
+    dparams = torch.empty(bt, n + 2, 2 * e, **f32)   # per batch row: dA (stored (N, 2E)), dD, ddelta_bias
     dbc = torch.empty(2, blocks, bt, length, 2 * n, **f32)
-    _scan_bwd_kernel[(bt, 2, blocks)](
+    _scan_bwd[(bt, 2, blocks)](
         u, delta, BC, z, *_params(A, D, delta_bias), dout_z, y, states, scratch, du, ddelta, dz, out_z,
-        dA, dD, dbias, dbc, length, n_chunks, *_strides(u, delta, BC, z), dout_z.stride(0), dout_z.stride(1),
-        dz.stride(0), dz.stride(1), 0, E=e, N=n, LOG_N=n.bit_length() - 1, BD=CHANNELS, S=STATE_CHUNK, PTX=PTX,
+        dparams, dbc, length, n_chunks, *_strides(u, delta, BC, z), dout_z.stride(0), dout_z.stride(1),
+        dz.stride(0), dz.stride(1), E=e, N=n, LOG_N=n.bit_length() - 1, BD=CHANNELS, S=STATE_CHUNK, PTX=PTX,
         num_warps=1)
-    return (du, ddelta, dA.sum(0).t().to(A.dtype), dbc.sum(1), dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype),
-            out_z)
+    dparams = dparams.sum(0)
+    return (du, ddelta, dparams[:n].t().to(A.dtype), dbc.sum(1), dparams[n].to(D.dtype),
+            dparams[n + 1].to(delta_bias.dtype), out_z)
 
 
 def scan_ref(u, delta, BC, z, A, D, delta_bias):
