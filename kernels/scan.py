@@ -114,12 +114,13 @@ def _halve(x, lane, O: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, PTX: tl.
 
 @triton.jit
 def _channel_sums(x, N: tl.constexpr, LOG_N: tl.constexpr, BD: tl.constexpr, PTX: tl.constexpr):
-    """x (N, BD) -> (BD,): lane l holds sum_d x[l // (BD // N), d]. Each butterfly step exchanges half of the
-    rows a lane still holds, so the N sums take N - 1 + log2(BD / N) shuffles instead of N log2(BD)."""
+    """x (N, BD) -> (BD,): lane l holds sum_d x[l // (BD // N), d]; BD = 32, one warp, N <= 32. Each butterfly
+    step exchanges half of the rows a lane still holds, so the N sums take N - 1 + log2(BD / N) shuffles instead
+    of N log2(BD)."""
     lane = tl.arange(0, BD)[None, :]
     for i in tl.static_range(LOG_N):
         x = _halve(x, lane, BD >> (i + 1), N >> (i + 1), BD, PTX)
-    for i in tl.static_range(LOG_N, 5):
+    for i in tl.static_range(LOG_N, 5):   # the rest of the 5 = log2(32) lane bits
         x = x + _lane_xor(x, lane, BD >> (i + 1), PTX)
     return tl.reshape(x, (BD,))
 
