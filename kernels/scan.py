@@ -28,10 +28,11 @@ sum) written as float32 partial sums per channel block, dA, dD and the delta bia
 caller adds them up, so the gradients are deterministic.
 
 How the code keeps the compiler to this layout (checked in the compiled loops of Triton 3.6 and 3.8: no shared
-memory, no shuffles but the channel sums): every (N, channels) tile in memory has consecutive channels
-consecutive (A is read stored (N, 2E)), no argument is specialised (so no alignment is known that would
-invite wide accesses along the channels, splitting a channel's states over threads), and the small B/C rows
-come in through inline PTX, which Triton's interpreter replaces by plain loads.
+memory, no shuffles but the channel sums; scripts/inspect_kernels.py, tests/test_kernels_compiled.py): every (N,
+channels) tile in memory has consecutive channels consecutive (A is read stored (N, 2E)), no argument is
+specialised (so no alignment is known that would invite wide accesses along the channels, splitting a channel's
+states over threads), and the small B/C rows come in through inline PTX, which Triton's interpreter replaces by
+plain loads.
 """
 import inspect
 import os
