@@ -82,26 +82,35 @@ def fusion_map(x, r, cls_index=None):
     dst_out (B, r) output row each src token lands in, dest (B, T) output row of every input token, weight
     (B, T - r, 1) float32 group sizes, cls_out the class token's output row ((B,) long; None or 0 as given)."""
     x = x.contiguous()
-    bt, t, c = x.shape
+    t = x.shape[1]
     na, nb = (t + 1) // 2, t // 2
     if not 0 < r <= nb:
         raise ValueError(f"can fuse 1..{nb} of {t} tokens, got r={r}")
     if t > FUSION_MAP_MAX_TOKENS:
         raise ValueError(f"fusion_map takes at most {FUSION_MAP_MAX_TOKENS} tokens, got {t}")
+    # 8 warps for the 128 x 128 score tile (129-256 tokens), 4 for smaller ones (H200, 128 samples, 192 fp32
+    # channels: 197 tokens 50 us on 8 warps, 119 on 4; 127 tokens 27 us on 4, 37 on 8)
+    src, keep, dst_out, dest, weight, cls_out = launch_fusion_map(x, r, cls_index, 8 if na > 64 else 4, 32)
+    static = cls_index is None or (isinstance(cls_index, int) and cls_index == 0)
+    return src, keep, dst_out, dest, weight, cls_index if static else cls_out
+
+
+def launch_fusion_map(x, r, cls_index, num_warps, channels_per_step):
+    """fusion_map's kernel on contiguous x (B, T, C) with these launch settings (scripts/fusion_map_benchmark.py
+    compares them) -> (src, keep, dst_out, dest, weight, cls_out), cls_out always the (B,) tensor."""
+    bt, t, c = x.shape
+    na, nb = (t + 1) // 2, t // 2
     long = dict(device=x.device, dtype=torch.long)
     src, dst_out, keep, dest = (torch.empty(bt, n, **long) for n in (r, r, t - r, t))
     weight = torch.empty(bt, t - r, 1, device=x.device, dtype=torch.float32)
     cls_out = torch.empty(bt, **long)
     mode = 0 if cls_index is None else 1 if isinstance(cls_index, int) else 2
-    ba = max(16, triton.next_power_of_2(na))
-    # 8 warps for the 128 x 128 score tile (129-256 tokens), 4 for smaller ones (H200, 128 samples, 192 fp32
-    # channels: 197 tokens 50 us on 8 warps, 119 on 4; 127 tokens 27 us on 4, 37 on 8)
     _fusion_map[(bt,)](
         x, cls_index.contiguous() if mode == 2 else cls_out, src, dst_out, keep, dest, weight, cls_out,
         t, c, na, nb, r, cls_index if mode == 1 else 0, CLS_MODE=mode,
-        BA=ba, BB=max(16, triton.next_power_of_2(nb)), BC=32, num_warps=8 if ba >= 128 else 4)
-    static = cls_index is None or (mode == 1 and cls_index == 0)
-    return src, keep, dst_out, dest, weight, cls_index if static else cls_out
+        BA=max(16, triton.next_power_of_2(na)), BB=max(16, triton.next_power_of_2(nb)), BC=channels_per_step,
+        num_warps=num_warps)
+    return src, keep, dst_out, dest, weight, cls_out
 
 
 # ----------------------------------------------------------------------------- token merge (token_fusion.merge)

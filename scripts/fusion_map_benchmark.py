@@ -8,7 +8,6 @@ import os
 import sys
 
 import torch
-import triton
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,16 +17,7 @@ SETTINGS = ((8, 32), (4, 32), (16, 32), (8, 64), (16, 16), (4, 64))   # (num_war
 
 
 def run(x, r, cls, warps, bc):
-    bt, t, _ = x.shape
-    na, nb = (t + 1) // 2, t // 2
-    long = dict(device=x.device, dtype=torch.long)
-    src, dst_out, keep, dest = (torch.empty(bt, n, **long) for n in (r, r, t - r, t))
-    weight = torch.empty(bt, t - r, 1, device=x.device, dtype=torch.float32)
-    cls_out = torch.empty(bt, **long)
-    kfusion._fusion_map[(bt,)](x, cls_out, src, dst_out, keep, dest, weight, cls_out, t, x.shape[2], na, nb, r, cls,
-                               CLS_MODE=1, BA=max(16, triton.next_power_of_2(na)),
-                               BB=max(16, triton.next_power_of_2(nb)), BC=bc, num_warps=warps)
-    return src, keep, dst_out, dest, weight, cls_out
+    return kfusion.launch_fusion_map(x, r, cls, warps, bc)
 
 
 def main():

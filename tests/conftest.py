@@ -16,3 +16,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def source_maps_both_ways(monkeypatch):
+    """model, images -> (source maps with token_fusion on kernels/fusion.py, the same with the torch fusion):
+    the per-layer source maps of one no-grad forward pass each (VisionMamba.forward's ``sources``)."""
+    import token_fusion
+
+    def run(model, images):
+        maps = []
+        for kernels in (True, False):
+            monkeypatch.setattr(token_fusion, "_use_kernels", lambda x, on=kernels: on)
+            sources = []
+            with torch.no_grad():
+                model(images, sources)
+            maps.append(sources)
+        return maps
+    return run

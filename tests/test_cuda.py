@@ -174,20 +174,12 @@ def test_cuda_graph_capture_survives_a_pin_memory_thread():
 
 
 @pytest.mark.parametrize("name", ["upper-L4-r9", "upper-L4-r8-middle-spatial"])
-def test_source_maps_with_cuda_fusion_kernels_equal_the_torch_fusion(monkeypatch, name):
+def test_source_maps_with_cuda_fusion_kernels_equal_the_torch_fusion(source_maps_both_ways, name):
     """Vim-Ti's per-layer source maps with the fusion on kernels/fusion.py (fusion_map and the Triton merge, order
     "released"; the Triton merge with the torch matching, "spatial") equal those of the torch fusion on CUDA."""
-    import token_fusion
     torch.manual_seed(0)
     model = timm.create_model(VIM_TI, num_classes=100, drop_path_rate=0.0, **STRATEGIES[name]).cuda().eval()
-    x = torch.randn(4, 3, 224, 224, device="cuda")
-    maps = []
-    for kernels in (True, False):
-        monkeypatch.setattr(token_fusion, "_use_kernels", lambda t, on=kernels: on)
-        sources = []
-        with torch.no_grad():
-            model(x, sources)
-        maps.append(sources)
+    maps = source_maps_both_ways(model, torch.randn(4, 3, 224, 224, device="cuda"))
     for layer, (a, b) in enumerate(zip(*maps)):
         assert torch.equal(a, b), layer
     assert int(maps[0][-1].max()) + 1 == model.tokens_per_layer[-1]

@@ -217,25 +217,18 @@ def test_source_map_through_the_kernels_is_the_hand_worked_one(monkeypatch, case
 
 
 @pytest.mark.parametrize("cls_position, order", [("head", "released"), ("middle", "released"), ("middle", "spatial")])
-def test_model_source_maps_with_kernel_fusion_equal_the_torch_path(monkeypatch, cls_position, order):
+def test_model_source_maps_with_kernel_fusion_equal_the_torch_path(monkeypatch, source_maps_both_ways,
+                                                                   cls_position, order):
     """A tiny Vim's per-layer source maps with the fusion on kernels/fusion.py (forced on, interpreted on the CPU)
     equal those of the torch fusion, layer for layer."""
     import models_mamba
-    import token_fusion
     torch.manual_seed(0)
     model = models_mamba.VisionMamba(img_size=32, patch_size=8, depth=4, embed_dim=16, d_state=4, num_classes=5,
                                      drop_path_rate=0.0, ssm_backend="torch", cls_position=cls_position,
                                      fusion_strategy="all", fusion_token=3, fusion_order=order).eval().to(DEVICE)
-    images = torch.randn(3, 3, 32, 32).to(DEVICE)
     calls, real = [], kt.fusion_map
     monkeypatch.setattr(kt, "fusion_map", lambda *a: calls.append(1) or real(*a))
-    maps = []
-    for kernels in (True, False):
-        monkeypatch.setattr(token_fusion, "_use_kernels", lambda x, on=kernels: on)
-        sources = []
-        with torch.no_grad():
-            model(images, sources)
-        maps.append(sources)
+    maps = source_maps_both_ways(model, torch.randn(3, 3, 32, 32).to(DEVICE))
     assert [s.shape for s in maps[0]] == [(3, 17)] * 4
     for layer, (a, b) in enumerate(zip(*maps)):
         assert torch.equal(a.cpu(), b.cpu()), layer
