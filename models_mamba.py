@@ -106,24 +106,51 @@ class BiMamba(nn.Module):
         return ssm_ops.bimamba_inner(hidden, self.in_proj.weight, *params, self.out_proj.weight, self.backend)
 
 
+def _gemm_dtype(like, weight):
+    """The dtype the mixer's GEMMs run in on tensors like ``like``: autocast's on CUDA, else the weights'."""
+    if like.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return weight.dtype
+
+
+def pad_dt_rank(x_proj_w, dt_proj_w, multiple=8):
+    """x_proj_w (..., R+2N, E) and dt_proj_w (..., E, R) with the rank R padded by zero rows (after x_proj's first R)
+    and zero columns to a multiple of ``multiple``: x_dbl = [dt (R) | zeros | B (N) | C (N)] and delta unchanged, the
+    gradients of the real weights too. In 2-byte dtypes it makes every row of x_dbl and of dt_proj_w start 16-byte
+    aligned whatever the token count (Vim-Ti: R = 12, x_dbl rows of 44 values), so that cuBLAS runs its Hopper
+    kernels on them rather than, at some token counts of the fused layers, its slow unaligned wmma ones."""
+    rank = dt_proj_w.shape[-1]
+    pad = -rank % multiple
+    if not pad:
+        return x_proj_w, dt_proj_w
+    zeros = x_proj_w.new_zeros(*x_proj_w.shape[:-2], pad, x_proj_w.shape[-1])
+    return (torch.cat([x_proj_w[..., :rank, :], zeros, x_proj_w[..., rank:, :]], -2),
+            F.pad(dt_proj_w, (0, pad)))
+
+
 def stacked_params(mixers, like):
     """The two directions' parameters of every mixer, stacked as ssm_ops.bimamba_inner takes them (forward
     direction first): one tuple (conv_w (2E, W), conv_b, x_proj_w (2, R+2N, E), dt_proj_w (2, E, R), dt_bias,
     A = -exp(A_log) (2E, N), D) per mixer. Built for all mixers at once, a handful of ops per step instead of
     per layer; A, D and the delta bias in at least float32. For the Triton kernels (on tensors like ``like``)
-    A is stored (N, 2E), as they read it."""
+    A is stored (N, 2E), as they read it, and with 2-byte GEMMs the rank is padded (pad_dt_rank)."""
     def both(get):
         return [t for m in mixers for t in (get(m, ""), get(m, "_b"))]
     n = len(mixers)
+    triton = mixers[0].kernels(like) == "triton"
     A = -torch.exp(_at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "A" + s + "_log"))))).unflatten(0, (n, -1))
-    if mixers[0].kernels(like) == "triton":
+    if triton:
         A = A.mT.contiguous().mT
     conv_w = torch.cat(both(lambda m, s: getattr(m, "conv1d" + s).weight))
+    x_proj_w = torch.stack(both(lambda m, s: getattr(m, "x_proj" + s).weight)).unflatten(0, (n, 2))
+    dt_proj_w = torch.stack(both(lambda m, s: getattr(m, "dt_proj" + s).weight)).unflatten(0, (n, 2))
+    if triton and _gemm_dtype(like, x_proj_w).itemsize == 2:
+        x_proj_w, dt_proj_w = pad_dt_rank(x_proj_w, dt_proj_w)
     stacked = (
         conv_w.view(n, -1, conv_w.shape[-1]),
         torch.cat(both(lambda m, s: getattr(m, "conv1d" + s).bias)).view(n, -1),
-        torch.stack(both(lambda m, s: getattr(m, "x_proj" + s).weight)).unflatten(0, (n, 2)),
-        torch.stack(both(lambda m, s: getattr(m, "dt_proj" + s).weight)).unflatten(0, (n, 2)),
+        x_proj_w,
+        dt_proj_w,
         _at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "dt_proj" + s).bias))).view(n, -1),
         A,
         _at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "D" + s)))).view(n, -1),

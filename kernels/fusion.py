@@ -1,6 +1,8 @@
 """Token fusion's kernels (token_fusion.fuse): the matching and fusion map in one program per sample, and the
 merge of a stream (its linear map and that map's transpose) in one pass each. token_fusion's torch functions
 are the reference they are tested against."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -16,7 +18,7 @@ from kernels.launch import Launcher
 @triton.jit
 def _fusion_map_kernel(x_ptr, cls_ptr, src_ptr, dst_ptr, keep_ptr, dest_ptr, weight_ptr, cls_out_ptr,
                        T, C, NA, NB, R, CLS, CLS_MODE: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
-                       BC: tl.constexpr):
+                       BC: tl.constexpr, DOT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     rows = x_ptr + b * T * C
     i = tl.arange(0, BA)   # A token i sits at position 2i
@@ -26,11 +28,16 @@ def _fusion_map_kernel(x_ptr, cls_ptr, src_ptr, dst_ptr, keep_ptr, dest_ptr, wei
     sq_b = tl.zeros([BB], dtype=tl.float32)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
-        a = tl.load(rows + (2 * i)[:, None] * C + c[None, :], mask=(i < NA)[:, None] & (c < C)[None, :],
-                    other=0.0).to(tl.float32)
+        a = tl.load(rows + (2 * i)[:, None] * C + c[None, :], mask=(i < NA)[:, None] & (c < C)[None, :], other=0.0)
         bt = tl.load(rows + (2 * j + 1)[:, None] * C + c[None, :], mask=(j < NB)[:, None] & (c < C)[None, :],
-                     other=0.0).to(tl.float32)
-        dots += tl.dot(a, tl.trans(bt), input_precision="ieee")
+                     other=0.0)
+        if DOT == "native":
+            dots += tl.dot(a, tl.trans(bt))
+        a, bt = a.to(tl.float32), bt.to(tl.float32)
+        if DOT == "fp32":
+            dots += tl.dot(a, tl.trans(bt), input_precision="ieee")
+        elif DOT == "bf16x6":
+            dots += tl.dot(a, tl.trans(bt), input_precision="bf16x6")
         sq_a += tl.sum(a * a, 1)
         sq_b += tl.sum(bt * bt, 1)
     # cosine similarity, each norm clamped as F.normalize does
@@ -72,6 +79,14 @@ _fusion_map = Launcher(_fusion_map_kernel)
 
 
 FUSION_MAP_MAX_TOKENS = 256  # a program holds the (T/2)^2 scores in registers: 128 x 128 at most
+# How the scores' dot products run (the kernel's DOT): on tensor cores with float32 accumulation, 16-bit rows as
+# they are ("native": their products are exact in float32) and float32 rows split into three bfloat16 parts
+# ("bf16x6": six products, float32's 24 bits); "fp32" is float32 FMA on rows converted to float32, all that Triton's
+# interpreter (the CPU tests) runs.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DOT_PRECISION = {torch.float32: "fp32" if _INTERPRETED else "bf16x6",
+                 torch.bfloat16: "fp32" if _INTERPRETED else "native",
+                 torch.float16: "fp32" if _INTERPRETED else "native"}
 
 
 def fusion_map(x, r, cls_index=None):
@@ -90,14 +105,16 @@ def fusion_map(x, r, cls_index=None):
         raise ValueError(f"fusion_map takes at most {FUSION_MAP_MAX_TOKENS} tokens, got {t}")
     # 8 warps for the 128 x 128 score tile (129-256 tokens), 4 for smaller ones (H200, 128 samples, 192 fp32
     # channels: 197 tokens 50 us on 8 warps, 119 on 4; 127 tokens 27 us on 4, 37 on 8)
-    src, keep, dst_out, dest, weight, cls_out = launch_fusion_map(x, r, cls_index, 8 if na > 64 else 4, 32)
+    src, keep, dst_out, dest, weight, cls_out = launch_fusion_map(x, r, cls_index, 8 if na > 64 else 4, 32,
+                                                                  DOT_PRECISION[x.dtype])
     static = cls_index is None or (isinstance(cls_index, int) and cls_index == 0)
     return src, keep, dst_out, dest, weight, cls_index if static else cls_out
 
 
-def launch_fusion_map(x, r, cls_index, num_warps, channels_per_step):
-    """fusion_map's kernel on contiguous x (B, T, C) with these launch settings (scripts/fusion_map_benchmark.py
-    compares them) -> (src, keep, dst_out, dest, weight, cls_out), cls_out always the (B,) tensor."""
+def launch_fusion_map(x, r, cls_index, num_warps, channels_per_step, dot_precision):
+    """fusion_map's kernel on contiguous x (B, T, C) with these launch settings and way of computing the scores' dot
+    products (DOT_PRECISION's values; scripts/fusion_map_benchmark.py compares them) -> (src, keep, dst_out, dest,
+    weight, cls_out), cls_out always the (B,) tensor."""
     bt, t, c = x.shape
     na, nb = (t + 1) // 2, t // 2
     long = dict(device=x.device, dtype=torch.long)
@@ -109,7 +126,7 @@ def launch_fusion_map(x, r, cls_index, num_warps, channels_per_step):
         x, cls_index.contiguous() if mode == 2 else cls_out, src, dst_out, keep, dest, weight, cls_out,
         t, c, na, nb, r, cls_index if mode == 1 else 0, CLS_MODE=mode,
         BA=max(16, triton.next_power_of_2(na)), BB=max(16, triton.next_power_of_2(nb)), BC=channels_per_step,
-        num_warps=num_warps)
+        DOT=dot_precision, num_warps=num_warps)
     return src, keep, dst_out, dest, weight, cls_out
 
 

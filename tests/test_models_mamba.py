@@ -183,6 +183,26 @@ def test_bimamba_mixer_matches_naive_float64():
     assert not torch.allclose(got, naive_mixer(swapped, hidden), rtol=1e-3, atol=1e-4)
 
 
+def test_padded_dt_rank_leaves_the_mixer_and_its_weight_gradients_unchanged():
+    """pad_dt_rank (2-byte GEMMs on the Triton kernels) against the unpadded weights, float64 on the reference
+    path: same output, same gradients for the real x_proj / dt_proj weights, zero rows where the padding goes."""
+    mixer = trained_like_mixer()   # d_model 16: rank 1, padded to 8
+    hidden = torch.randn(2, 11, 16, dtype=F64)
+    params = models_mamba.stacked_params([mixer], hidden)[0]
+    x_proj_w, dt_proj_w = models_mamba.pad_dt_rank(params[2], params[3])
+    rank, n = mixer.dt_rank, mixer.d_state
+    assert x_proj_w.shape == (2, 8 + 2 * n, 32) and dt_proj_w.shape == (2, 32, 8)
+    assert torch.equal(x_proj_w[:, :rank], params[2][:, :rank]) and torch.equal(x_proj_w[:, 8:], params[2][:, rank:])
+    assert not x_proj_w[:, rank:8].any() and not dt_proj_w[..., rank:].any()
+    g = torch.randn(2, 11, 16, dtype=F64)
+    weights = [mixer.x_proj.weight, mixer.x_proj_b.weight, mixer.dt_proj.weight, mixer.dt_proj_b.weight]
+    want = mixer(hidden, params)
+    got = mixer(hidden, params[:2] + (x_proj_w, dt_proj_w) + params[4:])
+    assert torch.allclose(got, want, rtol=1e-13, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(got, weights, g), torch.autograd.grad(want, weights, g)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_bimamba_double_is_float64_precise():
     """BUG REPRODUCTION (precision). BiMamba.forward casts dt_proj.bias, A = -exp(A_log) and D with .float(),
     so a float64 module on the float64 'torch' backend (documented 'any dtype') silently computes those in
