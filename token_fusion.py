@@ -152,14 +152,14 @@ class _MergeRows(torch.autograd.Function):
     out[b, j] = (x[b, keep[b, j]] + sum of x[b, src[b, k]] over dst[b, k] = j) / weight[b, j] (weight (B, T - r, 1)).
     Backward: M^T is a gather, dx[b, i] = dout[b, dest[b, i]] / weight[b, dest[b, i]] with dest[b, i] the output row
     of input row i, so no zero-filled scatter buffer is needed and no stream is saved. On CUDA each direction is
-    one Triton kernel per stream; elsewhere index_select / index_add_ on the flattened rows.
+    one Triton kernel for two streams; elsewhere index_select / index_add_ on the flattened rows.
     """
 
     @staticmethod
     def forward(ctx, keep, src, dst, dest, weight, *streams):
         ctx.save_for_backward(dest, weight)
         if _use_kernels(streams[0]):
-            return tuple(fusion_kernels.merge_rows(x, keep, src, dst, weight) for x in streams)
+            return tuple(fusion_kernels.merge_rows(streams, keep, src, dst, weight))
         batch, num_tokens = dest.shape
         kept = keep.shape[1]
         keep, src, dst = _flat_rows(keep, num_tokens), _flat_rows(src, num_tokens), _flat_rows(dst, kept)
@@ -175,7 +175,7 @@ class _MergeRows(torch.autograd.Function):
     def backward(ctx, *grads):
         dest, weight = ctx.saved_tensors
         if _use_kernels(grads[0]):
-            return (None,) * 5 + tuple(fusion_kernels.gather_rows(g, dest, weight) for g in grads)
+            return (None,) * 5 + tuple(fusion_kernels.gather_rows(grads, dest, weight))
         batch, num_tokens = dest.shape
         rows = _flat_rows(dest, weight.shape[1])
         return (None,) * 5 + tuple((g / weight.to(g.dtype)).reshape(-1, g.shape[-1]).index_select(0, rows)

@@ -1,5 +1,5 @@
 """Token fusion's kernels (token_fusion.fuse): the matching and fusion map in one program per sample, and the
-merge of a stream (its linear map and that map's transpose) in one pass each. token_fusion's torch functions
+merge of the streams (its linear map and that map's transpose) in one pass each. token_fusion's torch functions
 are the reference they are tested against."""
 import os
 
@@ -132,37 +132,48 @@ def launch_fusion_map(x, r, cls_index, num_warps, channels_per_step, dot_precisi
 
 # ----------------------------------------------------------------------------- token merge (token_fusion.merge)
 # In torch the merge of one stream is a gather of the kept rows, a gather and an index_add of the fused rows and
-# a broadcast division; its backward a division and a gather. Each is one pass here, and the division happens in
-# float32 before the single rounding to the stream's dtype.
+# a broadcast division; its backward a division and a gather. Each is one pass here for two streams at once (the
+# fusion's hidden and residual streams: one launch, the indices read once), and the division happens in float32
+# before the single rounding to each stream's dtype.
 
 @triton.jit
-def _merge_rows_kernel(x_ptr, out_ptr, keep_ptr, src_ptr, dst_ptr, weight_ptr, T, T_OUT, R, C,
-                       BLOCK: tl.constexpr):
+def _merge_rows_kernel(x_ptr, out_ptr, y_ptr, out_y_ptr, keep_ptr, src_ptr, dst_ptr, weight_ptr, T, T_OUT, R, C,
+                       CY, TWO: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)   # b * T_OUT + j
     b = row // T_OUT
     c = tl.arange(0, BLOCK)
-    cm = c < C
+    cx, cy = c < C, (c < CY) & TWO
     base = b.to(tl.int64) * T
-    acc = tl.load(x_ptr + (base + tl.load(keep_ptr + row)) * C + c, mask=cm).to(tl.float32)
+    kept = base + tl.load(keep_ptr + row)
+    acc = tl.load(x_ptr + kept * C + c, mask=cx).to(tl.float32)
+    acc_y = tl.load(y_ptr + kept * CY + c, mask=cy).to(tl.float32)
     for k in range(R):   # the r fused rows of this sample that land on output row j
         hit = tl.load(dst_ptr + b * R + k) == row - b * T_OUT
-        src = tl.load(src_ptr + b * R + k)
-        acc += tl.load(x_ptr + (base + src) * C + c, mask=cm & hit, other=0.0).to(tl.float32)
-    out = acc / tl.load(weight_ptr + row)
-    tl.store(out_ptr + row.to(tl.int64) * C + c, out.to(out_ptr.dtype.element_ty), mask=cm)
+        fused = base + tl.load(src_ptr + b * R + k)
+        acc += tl.load(x_ptr + fused * C + c, mask=cx & hit, other=0.0).to(tl.float32)
+        acc_y += tl.load(y_ptr + fused * CY + c, mask=cy & hit, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + row)
+    out = row.to(tl.int64)
+    tl.store(out_ptr + out * C + c, (acc / weight).to(out_ptr.dtype.element_ty), mask=cx)
+    tl.store(out_y_ptr + out * CY + c, (acc_y / weight).to(out_y_ptr.dtype.element_ty), mask=cy)
 
 
 _merge_rows = Launcher(_merge_rows_kernel)
 
 
 @triton.jit
-def _gather_rows_kernel(g_ptr, out_ptr, dest_ptr, weight_ptr, T, T_OUT, C, BLOCK: tl.constexpr):
+def _gather_rows_kernel(g_ptr, out_ptr, h_ptr, out_h_ptr, dest_ptr, weight_ptr, T, T_OUT, C, CH, TWO: tl.constexpr,
+                        BLOCK: tl.constexpr):
     row = tl.program_id(0)   # b * T + i
     c = tl.arange(0, BLOCK)
-    cm = c < C
+    cg, ch = c < C, (c < CH) & TWO
     j = (row // T).to(tl.int64) * T_OUT + tl.load(dest_ptr + row)
-    g = tl.load(g_ptr + j * C + c, mask=cm).to(tl.float32) / tl.load(weight_ptr + j)
-    tl.store(out_ptr + row.to(tl.int64) * C + c, g.to(out_ptr.dtype.element_ty), mask=cm)
+    weight = tl.load(weight_ptr + j)
+    out = row.to(tl.int64)
+    g = tl.load(g_ptr + j * C + c, mask=cg).to(tl.float32) / weight
+    tl.store(out_ptr + out * C + c, g.to(out_ptr.dtype.element_ty), mask=cg)
+    h = tl.load(h_ptr + j * CH + c, mask=ch).to(tl.float32) / weight
+    tl.store(out_h_ptr + out * CH + c, h.to(out_h_ptr.dtype.element_ty), mask=ch)
 
 
 _gather_rows = Launcher(_gather_rows_kernel)
@@ -173,24 +184,44 @@ def _row_block(c):
     return dict(BLOCK=block, num_warps=max(1, min(block // 256, 8)))
 
 
-def merge_rows(x, keep, src, dst, weight):
-    """x (B, T, C) -> (B, T', C): out[b, j] = (x[b, keep[b, j]] + sum over k with dst[b, k] = j of x[b, src[b, k]])
-    / weight[b, j]; keep (B, T'), src and dst (B, r) long, weight (B, T') or (B, T', 1) float32."""
-    x = x.contiguous()
-    bt, t, c = x.shape
+def _pairs(streams):
+    """Streams (each (B, T, C_k), one B and T) two at a time, the odd one out with itself: what one launch takes."""
+    streams = [t.contiguous() for t in streams]
+    if any(t.shape[:2] != streams[0].shape[:2] for t in streams):
+        raise ValueError(f"streams must share batch and length, got {[tuple(t.shape) for t in streams]}")
+    return [(streams[i], streams[min(i + 1, len(streams) - 1)], i + 1 < len(streams))
+            for i in range(0, len(streams), 2)]
+
+
+def merge_rows(streams, keep, src, dst, weight):
+    """Each x (B, T, C_k) of ``streams`` -> (B, T', C_k): out[b, j] = (x[b, keep[b, j]] + sum over k with dst[b, k] = j of
+    x[b, src[b, k]]) / weight[b, j]; keep (B, T'), src and dst (B, r) long, weight (B, T') or (B, T', 1) float32.
+    Returns the list of merged streams."""
+    bt, t = streams[0].shape[:2]
     t_out, r = keep.shape[1], src.shape[1]
-    out = torch.empty(bt, t_out, c, device=x.device, dtype=x.dtype)
-    _merge_rows[(bt * t_out,)](x, out, keep.contiguous(), src.contiguous(), dst.contiguous(),
-                                      weight.contiguous(), t, t_out, r, c, **_row_block(c))
-    return out
+    keep, src, dst, weight = keep.contiguous(), src.contiguous(), dst.contiguous(), weight.contiguous()
+    outs = []
+    for x, y, two in _pairs(streams):
+        out = x.new_empty(bt, t_out, x.shape[2])
+        out_y = y.new_empty(bt, t_out, y.shape[2]) if two else out
+        _merge_rows[(bt * t_out,)](x, out, y, out_y, keep, src, dst, weight, t, t_out, r, x.shape[2], y.shape[2],
+                                   TWO=two, **_row_block(max(x.shape[2], y.shape[2])))
+        outs += [out, out_y] if two else [out]
+    return outs
 
 
-def gather_rows(g, dest, weight):
-    """The merge's transpose: g (B, T', C) -> (B, T, C), out[b, i] = g[b, dest[b, i]] / weight[b, dest[b, i]];
-    dest (B, T) long (the output row of each input row), weight (B, T') or (B, T', 1) float32."""
-    g = g.contiguous()
-    bt, t_out, c = g.shape
+def gather_rows(grads, dest, weight):
+    """The merge's transpose, for each g (B, T', C_k) of ``grads``: -> (B, T, C_k), out[b, i] = g[b, dest[b, i]] /
+    weight[b, dest[b, i]]; dest (B, T) long (the output row of each input row), weight (B, T') or (B, T', 1)
+    float32. Returns the list of gathered gradients."""
+    bt, t_out = grads[0].shape[:2]
     t = dest.shape[1]
-    out = torch.empty(bt, t, c, device=g.device, dtype=g.dtype)
-    _gather_rows[(bt * t,)](g, out, dest.contiguous(), weight.contiguous(), t, t_out, c, **_row_block(c))
-    return out
+    dest, weight = dest.contiguous(), weight.contiguous()
+    outs = []
+    for g, h, two in _pairs(grads):
+        out = g.new_empty(bt, t, g.shape[2])
+        out_h = h.new_empty(bt, t, h.shape[2]) if two else out
+        _gather_rows[(bt * t,)](g, out, h, out_h, dest, weight, t, t_out, g.shape[2], h.shape[2], TWO=two,
+                                **_row_block(max(g.shape[2], h.shape[2])))
+        outs += [out, out_h] if two else [out]
+    return outs

@@ -34,29 +34,35 @@ def _merge_case(dtype, c=5):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c", [5, 300])
-def test_merge_rows_and_its_transpose_against_loops(dtype, c):
+@pytest.mark.parametrize("n_streams", [1, 2, 3])
+def test_merge_rows_and_its_transpose_against_loops(dtype, c, n_streams):
+    """Each stream merged (and its gradient gathered) as by the loops, whether it shares a launch with another
+    stream or runs alone; the second stream float32 as the fusion's residual stream is, beside a bfloat16 one."""
     x, keep, src, dst, weight, dest = _merge_case(dtype, c)
-    want = torch.zeros(2, 6, c, dtype=torch.float64)
-    for b in range(2):
-        for j in range(6):
-            want[b, j] = x[b, keep[b, j]].double()
-            for k in range(3):
-                if dst[b, k] == j:
-                    want[b, j] += x[b, src[b, k]].double()
-            want[b, j] /= weight[b, j, 0].double()
-    on = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
-    got = kt.merge_rows(*on(x, keep, src, dst, weight))
-    # float32 sums, one rounding to the stream's dtype (the CPU interpreter truncates bfloat16: one step)
-    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
-    assert got.dtype == dtype and torch.allclose(got.cpu().double(), want.to(dtype).double(), **tol)
-
-    grad = torch.randn(2, 6, c, generator=torch.Generator().manual_seed(1)).to(dtype)
-    want_dx = torch.empty(2, 9, c, dtype=torch.float64)
-    for b in range(2):
-        for i in range(9):  # column i of M: 1 / weight of the output row that input row i lands in
-            want_dx[b, i] = grad[b, dest[b, i]].double() / weight[b, dest[b, i], 0].double()
-    got_dx = kt.gather_rows(*on(grad, dest, weight))
-    assert got_dx.dtype == dtype and torch.allclose(got_dx.cpu().double(), want_dx.to(dtype).double(), **tol)
+    g = torch.Generator().manual_seed(2)
+    streams = [x if k % 2 == 0 else torch.randn(2, 9, c, generator=g) for k in range(n_streams)]
+    grads = [torch.randn(2, 6, c, generator=g).to(t.dtype) for t in streams]
+    on = lambda ts: [t.to(DEVICE) for t in ts]  # noqa: E731
+    got = kt.merge_rows(on(streams), *on([keep, src, dst, weight]))
+    got_dx = kt.gather_rows(on(grads), *on([dest, weight]))
+    assert len(got) == len(got_dx) == n_streams
+    for x, grad, merged, dx in zip(streams, grads, got, got_dx):
+        want = torch.zeros(2, 6, c, dtype=torch.float64)
+        for b in range(2):
+            for j in range(6):
+                want[b, j] = x[b, keep[b, j]].double()
+                for k in range(3):
+                    if dst[b, k] == j:
+                        want[b, j] += x[b, src[b, k]].double()
+                want[b, j] /= weight[b, j, 0].double()
+        want_dx = torch.empty(2, 9, c, dtype=torch.float64)
+        for b in range(2):
+            for i in range(9):  # column i of M: 1 / weight of the output row that input row i lands in
+                want_dx[b, i] = grad[b, dest[b, i]].double() / weight[b, dest[b, i], 0].double()
+        # float32 sums, one rounding to the stream's dtype (the CPU interpreter truncates bfloat16: one step)
+        tol = dict(rtol=1e-6, atol=1e-6) if x.dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+        assert merged.dtype == x.dtype and torch.allclose(merged.cpu().double(), want.to(x.dtype).double(), **tol)
+        assert dx.dtype == x.dtype and torch.allclose(dx.cpu().double(), want_dx.to(x.dtype).double(), **tol)
 
 
 def exact_metric(batch, tokens, c, seed):
