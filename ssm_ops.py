@@ -145,6 +145,17 @@ def fold_ref(src, out=None):
     return torch.add(fwd, bwd.flip(-1), out=out)
 
 
+def _samples_per_gemm(batch, length, tokens=256):
+    """How many samples one weight-gradient GEMM of BiMambaTritonFn reduces over: the largest power of two that
+    divides the batch and keeps the GEMM at most ``tokens`` tokens long (at least 1). A fused layer's shorter
+    sequences thus keep the unfused GEMMs' length, and the partial sums their batch sum reads shrink with the
+    tokens instead of staying one per sample."""
+    g = 1
+    while batch % (2 * g) == 0 and 2 * g * length <= tokens:
+        g *= 2
+    return g
+
+
 def _batch_sum(t):
     """Sum over the leading (batch) axis, in at least float32: per-sample weight-gradient partials."""
     return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32))
@@ -306,16 +317,19 @@ class BiMambaTritonFn(torch.autograd.Function):
         dout_z = torch.matmul(dout, out_proj_w * 0.5)
         du, ddelta, dA, dBC, dD, ddt_bias, out_z = scan_kernels.scan_bwd(
             u, delta, BC, xz[..., e:], A, D, dt_bias, dout_z, y, states, dxz[..., e:])
-        # Weight gradients reduce over batch and length: one GEMM per sample (reducing over L) and a sum over the
-        # batch keep the whole GPU busy, where one GEMM with K = B*L would be skinny.
-        dout_proj_w = _batch_sum(torch.matmul(dout.transpose(1, 2), out_z)) * 0.5
-        ddelta = ddelta.view(2 * b, l, e)
-        ddt_proj_w = _batch_sum(torch.bmm(ddelta.transpose(1, 2), x_dbl.view(2 * b, l, k)[..., :rank])
-                                .view(2, b, e, rank).transpose(0, 1))
+        # Weight gradients reduce over batch and length: one GEMM per group of g samples (reducing over their g*L
+        # tokens) and a sum over the groups keep the whole GPU busy, where one GEMM with K = B*L would be skinny.
+        g = _samples_per_gemm(b, l)
+        groups = 2 * b // g   # both directions' groups, direction-major
+        dout_proj_w = _batch_sum(torch.matmul(dout.reshape(b // g, g * l, -1).transpose(1, 2),
+                                              out_z.view(b // g, g * l, e))) * 0.5
+        ddelta = ddelta.view(groups, g * l, e)
+        ddt_proj_w = _batch_sum(torch.bmm(ddelta.transpose(1, 2), x_dbl.view(groups, g * l, k)[..., :rank])
+                                .view(2, b // g, e, rank).transpose(0, 1))
         dx_dbl = torch.cat([torch.bmm(ddelta.view(2, b * l, e), dt_proj_w), dBC.view(2, b * l, 2 * n).to(x_dbl.dtype)],
                            -1)
-        dx_proj_w = _batch_sum(torch.bmm(dx_dbl.view(2 * b, l, k).transpose(1, 2), u.view(2 * b, l, e))
-                               .view(2, b, k, e).transpose(0, 1))
+        dx_proj_w = _batch_sum(torch.bmm(dx_dbl.view(groups, g * l, k).transpose(1, 2), u.view(groups, g * l, e))
+                               .view(2, b // g, k, e).transpose(0, 1))
         du.view(2, b * l, e).baddbmm_(dx_dbl, x_proj_w)
         dconv_w, dconv_b = conv_kernels.conv_bwd(xz[..., :e], conv_w, conv_b, du, dxz[..., :e])
         return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w

@@ -168,3 +168,10 @@ def test_auto_backend_skips_triton_for_shapes_it_does_not_take(monkeypatch):
     monkeypatch.setattr(ssm_ops, "_warned_no_kernels", False)
     with pytest.warns(UserWarning, match="WITHOUT"):
         assert ssm_ops.resolve_backend("auto", OnCuda(), 80, 16) == "torch"
+
+
+def test_weight_gradient_gemms_group_samples_up_to_the_unfused_length():
+    # the largest power of two dividing the batch with group * length <= 256 (hand-worked)
+    cases = {(128, 197): 1, (128, 129): 1, (128, 128): 2, (128, 99): 2, (128, 64): 4, (128, 36): 4, (128, 29): 8,
+             (6, 37): 2, (3, 20): 1, (256, 1): 256}
+    assert {case: ssm_ops._samples_per_gemm(*case) for case in cases} == cases
