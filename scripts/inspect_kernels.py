@@ -1,12 +1,14 @@
 """The scan kernels as the installed Triton compiles them for a Hopper GPU (sm_90), without one: registers,
 spills, and per innermost loop (one token step) the instruction count and the instructions that would break
 kernels/scan.py's layout (shared memory, barriers, shuffles: a loop should have only the channel sums'
-shuffles). This is how the layout Triton 3.6 built was found (docs/efficiency.md, section 2.11).
+shuffles). This is how the layout Triton 3.6 built was found (docs/efficiency.md, section 2.11). With
+``--kernel fusion_map``: kernels/fusion.py's matching kernel as fusion_map launches it for 197 tokens, and the
+instructions that say where its score tile's dot products run (tensor cores: HGMMA / HMMA; float32 FMA: FFMA).
 
-    python scripts/inspect_kernels.py [--dtype fp32|bf16] [--json]
+    python scripts/inspect_kernels.py [--kernel scan|fusion_map] [--dtype fp32|bf16] [--json]
 
-The kernels are compiled as launched (no argument specialised; Vim-Ti's 384 channels per direction, d_state 16),
-so the numbers are those of the kernels that run.
+The scan kernels are compiled as launched (no argument specialised; Vim-Ti's 384 channels per direction,
+d_state 16), so the numbers are those of the kernels that run.
 """
 import argparse
 import json
@@ -17,15 +19,17 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)   # the real compiler, also under the CPU tests
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import scan  # noqa: E402
+from kernels import fusion, scan  # noqa: E402
 
 WATCH = ("SHFL", "BAR", "LDS", "STS", "LDSM", "STSM", "LDL", "STL")
 CONSTEXPRS = dict(E=384, N=16, LOG_N=4, BD=scan.CHANNELS, S=scan.STATE_CHUNK, PTX=True)
+TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEQUENCES = ("u_ptr", "delta_ptr", "z_ptr", "dout_z_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "out_z_ptr")
 
 
@@ -36,6 +40,32 @@ def compile_sm90(kernel, dtype):
     constexprs = {(names.index(n),): v for n, v in CONSTEXPRS.items() if n in names}
     return triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=1))
+
+
+def _sass(compiled):
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin.name], capture_output=True,
+                              text=True, check=True).stdout
+
+
+def inspect_fusion_map(dtype):
+    """fusion_map's kernel for 197 tokens of ``dtype`` rows (a 128 x 128 score tile, 8 warps, the class token at a
+    fixed position), with the dot products fusion_map asks for on the GPU -> instruction counts."""
+    kernel = fusion._fusion_map_kernel
+    names = kernel.arg_names
+    constexprs = dict(CLS_MODE=1, BA=128, BB=128, BC=32, DOT=fusion.DOT_PRECISION[TORCH[dtype]])
+    signature = {n: "constexpr" if n in constexprs else ("*" + (dtype if n == "x_ptr" else
+                 "fp32" if n == "weight_ptr" else "i64")) if n.endswith("_ptr") else "i32" for n in names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs={(names.index(n),): v
+                                                                       for n, v in constexprs.items()}),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0]
+           for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", _sass(compiled))]
+    return dict(kernel=kernel.__name__, dtype=dtype, triton=triton.__version__, dot=constexprs["DOT"],
+                instructions=len(ops), **{w: ops.count(w) for w in ("HGMMA", "HMMA", "FFMA")})
 
 
 def innermost_loops(sass):
@@ -70,9 +100,17 @@ def inspect_kernel(kernel, dtype):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the sequences' dtype")
+    p.add_argument("--kernel", choices=("scan", "fusion_map"), default="scan")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the sequences' (rows') dtype")
     p.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
     args = p.parse_args()
+    if args.kernel == "fusion_map":
+        report = inspect_fusion_map(args.dtype)
+        print(json.dumps(report) if args.json else
+              f"{report['kernel']} ({args.dtype} rows, DOT {report['dot']}, Triton {report['triton']}, sm_90): "
+              f"{report['instructions']} instructions, HGMMA {report['HGMMA']}, HMMA {report['HMMA']}, "
+              f"FFMA {report['FFMA']}")
+        return
     for kernel in (scan._scan_fwd_kernel, scan._scan_bwd_kernel):
         report = inspect_kernel(kernel, args.dtype)
         if args.json:
