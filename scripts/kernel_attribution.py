@@ -118,8 +118,10 @@ def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser("kernel attribution of one eager training step")
-    p.add_argument("--model", default="vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")
-    p.add_argument("--strategies", nargs="+", type=parse_strategy, default=[parse_strategy(s) for s in ("none", "all:7")])
+    p.add_argument("--model",
+                   default="vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")
+    p.add_argument("--strategies", nargs="+", type=parse_strategy,
+                   default=[parse_strategy(s) for s in ("none", "all:7")])
     p.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--output", default="")

@@ -153,3 +153,29 @@ def test_model_labels_follow_the_architecture():
     assert collect.model_label(SMALL, collect.architecture(s)) == 'Vim-S'
     stride8 = TINY.replace('patch16_', 'patch16_stride8_')
     assert collect.model_label(stride8) == 'Vim-Ti (stride 8)'
+
+
+def test_kernel_attribution_sums_each_kernel_under_the_op_that_launched_it():
+    spec = importlib.util.spec_from_file_location('kernel_attribution', os.path.join(REPO, 'scripts',
+                                                                                     'kernel_attribution.py'))
+    attribution = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attribution)
+    bmm = dict(cat='cpu_op', name='aten::bmm', args={'External id': 7, 'Input Dims': [[2, 8, 12], [2, 12, 4]],
+                                                     'Input Strides': [[352, 44, 1], [48, 1, 12]],
+                                                     'Input type': ['c10::BFloat16', 'c10::BFloat16']})
+    events = [bmm, dict(cat='cpu_op', name='aten::add', args={'External id': 8}),
+              dict(cat='cuda_runtime', name='cudaLaunchKernel', args={'External id': 7}),
+              dict(cat='cuda_runtime', name='cuLaunchKernelEx', args={'External id': 8}),
+              dict(cat='cuda_runtime', name='cudaMemcpyAsync', args={}),
+              dict(cat='kernel', name='gemm_a', dur=3.0, args={'External id': 7}),
+              dict(cat='kernel', name='gemm_a', dur=4.5, args={'External id': 7}),
+              dict(cat='kernel', name='add_k', dur=1.0, args={'External id': 8}),
+              dict(cat='kernel', name='orphan', dur=2.0, args={})]
+    kernels, launches = attribution.attribute(events)
+    assert launches == 2
+    key = ('gemm_a', 'aten::bmm', '[[2, 8, 12], [2, 12, 4]]', '[[352, 44, 1], [48, 1, 12]]',
+           '["c10::BFloat16", "c10::BFloat16"]')
+    assert kernels[key] == [7.5, 2]
+    assert kernels[('add_k', 'aten::add', 'null', 'null', 'null')] == [1.0, 1]
+    assert kernels[('orphan', '?', 'null', 'null', 'null')] == [2.0, 1]
+    assert len(kernels) == 3
