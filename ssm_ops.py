@@ -156,6 +156,23 @@ def _samples_per_gemm(batch, length, tokens=256):
     return g
 
 
+def weight_gradients(dout, out_z, ddelta, x_dbl, dx_dbl, u, rank, g):
+    """BiMambaTritonFn's weight gradients from its token-major tensors: dout (B, L, Dm), out_z (B, L, E), ddelta and
+    u (2, B, L, E), x_dbl and dx_dbl (2, B*L, K) -> (out_proj's for out_z (Dm, E), dt_proj's (2, E, rank), x_proj's
+    (2, K, E)), in at least float32. They reduce over batch and length: one GEMM per group of g samples (reducing
+    over their g*L tokens) and a sum over the groups keep the whole GPU busy, where one GEMM with K = B*L would be
+    skinny (scripts/wgrad_benchmark.py)."""
+    b, l, dm = dout.shape
+    e, k = u.shape[-1], x_dbl.shape[-1]
+    groups = 2 * b // g   # both directions' groups, direction-major
+    ddelta = ddelta.reshape(groups, g * l, e)
+    return (_batch_sum(torch.matmul(dout.reshape(b // g, g * l, dm).transpose(1, 2), out_z.reshape(b // g, g * l, e))),
+            _batch_sum(torch.bmm(ddelta.transpose(1, 2), x_dbl.view(groups, g * l, k)[..., :rank])
+                       .view(2, b // g, e, rank).transpose(0, 1)),
+            _batch_sum(torch.bmm(dx_dbl.view(groups, g * l, k).transpose(1, 2), u.reshape(groups, g * l, e))
+                       .view(2, b // g, k, e).transpose(0, 1)))
+
+
 def _batch_sum(t):
     """Sum over the leading (batch) axis, in at least float32: per-sample weight-gradient partials."""
     return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32))
@@ -317,19 +334,11 @@ class BiMambaTritonFn(torch.autograd.Function):
         dout_z = torch.matmul(dout, out_proj_w * 0.5)
         du, ddelta, dA, dBC, dD, ddt_bias, out_z = scan_kernels.scan_bwd(
             u, delta, BC, xz[..., e:], A, D, dt_bias, dout_z, y, states, dxz[..., e:])
-        # Weight gradients reduce over batch and length: one GEMM per group of g samples (reducing over their g*L
-        # tokens) and a sum over the groups keep the whole GPU busy, where one GEMM with K = B*L would be skinny.
-        g = _samples_per_gemm(b, l)
-        groups = 2 * b // g   # both directions' groups, direction-major
-        dout_proj_w = _batch_sum(torch.matmul(dout.reshape(b // g, g * l, -1).transpose(1, 2),
-                                              out_z.view(b // g, g * l, e))) * 0.5
-        ddelta = ddelta.view(groups, g * l, e)
-        ddt_proj_w = _batch_sum(torch.bmm(ddelta.transpose(1, 2), x_dbl.view(groups, g * l, k)[..., :rank])
-                                .view(2, b // g, e, rank).transpose(0, 1))
         dx_dbl = torch.cat([torch.bmm(ddelta.view(2, b * l, e), dt_proj_w), dBC.view(2, b * l, 2 * n).to(x_dbl.dtype)],
                            -1)
-        dx_proj_w = _batch_sum(torch.bmm(dx_dbl.view(groups, g * l, k).transpose(1, 2), u.view(groups, g * l, e))
-                               .view(2, b // g, k, e).transpose(0, 1))
+        dout_proj_w, ddt_proj_w, dx_proj_w = weight_gradients(dout, out_z, ddelta, x_dbl, dx_dbl, u, rank,
+                                                              _samples_per_gemm(b, l))
+        dout_proj_w = dout_proj_w * 0.5
         du.view(2, b * l, e).baddbmm_(dx_dbl, x_proj_w)
         dconv_w, dconv_b = conv_kernels.conv_bwd(xz[..., :e], conv_w, conv_b, du, dxz[..., :e])
         return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w

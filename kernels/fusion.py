@@ -1,13 +1,11 @@
 """Token fusion's kernels (token_fusion.fuse): the matching and fusion map in one program per sample, and the
 merge of the streams (its linear map and that map's transpose) in one pass each. token_fusion's torch functions
 are the reference they are tested against."""
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
+from kernels.launch import INTERPRETED, Launcher
 
 
 # ----------------------------------------------------------------------------- token matching (token_fusion.fuse)
@@ -83,10 +81,9 @@ FUSION_MAP_MAX_TOKENS = 256  # a program holds the (T/2)^2 scores in registers: 
 # they are ("native": their products are exact in float32) and float32 rows split into three bfloat16 parts
 # ("bf16x6": six products, float32's 24 bits); "fp32" is float32 FMA on rows converted to float32, all that Triton's
 # interpreter (the CPU tests) runs.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DOT_PRECISION = {torch.float32: "fp32" if _INTERPRETED else "bf16x6",
-                 torch.bfloat16: "fp32" if _INTERPRETED else "native",
-                 torch.float16: "fp32" if _INTERPRETED else "native"}
+DOT_PRECISION = {torch.float32: "fp32" if INTERPRETED else "bf16x6",
+                 torch.bfloat16: "fp32" if INTERPRETED else "native",
+                 torch.float16: "fp32" if INTERPRETED else "native"}
 
 
 def fusion_map(x, r, cls_index=None):

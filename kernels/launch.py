@@ -9,7 +9,12 @@ what Triton specialises on (each tensor's dtype and 16-byte alignment, each inte
 keyword arguments), compiles it through ``kernel[grid]`` the first time, and afterwards calls the compiled
 kernel directly. Triton's interpreter (the CPU tests) always takes ``kernel[grid]``.
 """
+import os
+
 import torch
+
+# Whether the kernels run in Triton's interpreter (the CPU tests), which runs no PTX and not every dot precision
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class Launcher:

@@ -35,19 +35,18 @@ states over threads), and the small B/C rows come in through inline PTX, which T
 plain loads.
 """
 import inspect
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
+from kernels.launch import INTERPRETED, Launcher
 
 STATE_CHUNK = 16   # steps between kept states = the backward pass's chunk
 # A program is one warp with one channel per lane (the backward's channel sums shuffle across the lanes).
 CHANNELS = 32
 # Triton's interpreter (the CPU tests) runs no PTX: it takes the tl.gather / tl.load forms of the PTX helpers
-PTX = os.environ.get("TRITON_INTERPRET", "0") != "1"
+PTX = not INTERPRETED
 LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)
 
 

@@ -175,3 +175,21 @@ def test_weight_gradient_gemms_group_samples_up_to_the_unfused_length():
     cases = {(128, 197): 1, (128, 129): 1, (128, 128): 2, (128, 99): 2, (128, 64): 4, (128, 36): 4, (128, 29): 8,
              (6, 37): 2, (3, 20): 1, (256, 1): 256}
     assert {case: ssm_ops._samples_per_gemm(*case) for case in cases} == cases
+
+
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_weight_gradients_equal_their_definition_for_every_grouping(g):
+    """ssm_ops.weight_gradients against einsums over batch and tokens (float64), however many samples one GEMM
+    takes."""
+    torch.manual_seed(0)
+    b, l, dm, e, k, rank = 4, 5, 3, 6, 7, 2
+    f = dict(dtype=torch.float64)
+    dout, out_z = torch.randn(b, l, dm, **f), torch.randn(b, l, e, **f)
+    ddelta, u = torch.randn(2, b, l, e, **f), torch.randn(2, b, l, e, **f)
+    x_dbl, dx_dbl = torch.randn(2, b * l, k, **f), torch.randn(2, b * l, k, **f)
+    got = ssm_ops.weight_gradients(dout, out_z, ddelta, x_dbl, dx_dbl, u, rank, g)
+    want = (torch.einsum("btd,bte->de", dout, out_z),
+            torch.einsum("rbte,rbtk->rek", ddelta, x_dbl.view(2, b, l, k)[..., :rank]),
+            torch.einsum("rbtk,rbte->rke", dx_dbl.view(2, b, l, k), u))
+    for a, w in zip(got, want):
+        assert a.shape == w.shape and torch.allclose(a, w, rtol=1e-12, atol=1e-12)
