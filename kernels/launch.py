@@ -10,17 +10,28 @@ keyword arguments), compiles it through ``kernel[grid]`` the first time, and aft
 kernel directly. Triton's interpreter (the CPU tests) always takes ``kernel[grid]``.
 """
 import os
+from operator import attrgetter, itemgetter
 
 import torch
 
 # Whether the kernels run in Triton's interpreter (the CPU tests), which runs no PTX and not every dot precision
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+_DTYPE = attrgetter("dtype")
+
+
+def _picker(positions):
+    """args -> the tuple of args at these positions (C-speed itemgetter, which returns a bare item for one)."""
+    if len(positions) == 1:
+        i, = positions
+        return lambda args: (args[i],)
+    return itemgetter(*positions) if positions else lambda args: ()
+
 
 class Launcher:
     def __init__(self, kernel):
         self.kernel = kernel
-        self.compiled = {}
+        self.compiled, self.plans = {}, {}
         params = getattr(kernel, "params", None)   # none in Triton's interpreter: nothing is cached there
         self.specialised = None if params is None else [
             (p.do_not_specialize, p.do_not_specialize_on_alignment) for p in params if not p.is_constexpr]
@@ -29,18 +40,39 @@ class Launcher:
             raise TypeError(f"{kernel.__name__}: Launcher takes kernels whose constexpr arguments come last")
 
     def key(self, args, meta):
-        """What decides the compiled kernel for these arguments (the first one's device, then one entry per
-        argument, then the keyword arguments)."""
-        key = [getattr(args[0], "device", None)]
-        for arg, (plain, unaligned) in zip(args, self.specialised):
-            if isinstance(arg, torch.Tensor):
-                key.append((arg.dtype, unaligned or arg.data_ptr() % 16 == 0))
-            elif isinstance(arg, bool) or not isinstance(arg, int):
-                key.append((type(arg), arg))
+        """What decides the compiled kernel for these arguments: their types, the first tensor's device, each
+        tensor's dtype (and 16-byte alignment where specialised), each specialised integer's width, divisibility by
+        16 and being 1, whether any other integer needs 64 bits, the values of the rest, the keyword arguments.
+        Which argument is which is worked out once per tuple of argument types (``_plan``), so that a launch pays a
+        few list comprehensions rather than a Python loop over its 10-40 arguments."""
+        types = tuple(map(type, args))
+        plan = self.plans.get(types)
+        if plan is None:
+            plan = self.plans[types] = self._plan(types)
+        tensors, aligned, ints, plain, rest = (get(args) for get in plan)
+        plain = plain or (0,)
+        return (types, tensors[0].device if tensors else None, tuple(map(_DTYPE, tensors)),
+                tuple([t.data_ptr() % 16 == 0 for t in aligned]),
+                tuple([(not -2 ** 31 <= a < 2 ** 31, a == 1, a % 16 == 0) for a in ints]),
+                not -2 ** 31 <= min(plain) <= max(plain) < 2 ** 31, rest, *meta.items())
+
+    def _plan(self, types):
+        """For arguments of these types, one function per role that picks those arguments (tensors, tensors
+        specialised on alignment, specialised integers, plain integers, the rest)."""
+        if len(types) != len(self.specialised):
+            raise TypeError(f"{self.kernel.__name__} takes {len(self.specialised)} positional arguments, "
+                            f"got {len(types)}")
+        roles = ([], [], [], [], [])
+        for i, (kind, (plain, unaligned)) in enumerate(zip(types, self.specialised)):
+            if issubclass(kind, torch.Tensor):
+                roles[0].append(i)
+                if not unaligned:
+                    roles[1].append(i)
+            elif issubclass(kind, int) and not issubclass(kind, bool):
+                roles[3 if plain else 2].append(i)
             else:
-                wide = not -2 ** 31 <= arg < 2 ** 31
-                key.append(wide if plain else (wide, arg == 1, arg % 16 == 0))
-        return tuple(key) + tuple(meta.items())
+                roles[4].append(i)
+        return [_picker(role) for role in roles]
 
     def __getitem__(self, grid):
         grid = tuple(grid) + (1,) * (3 - len(grid))   # the compiled kernel's launcher takes three
@@ -53,9 +85,6 @@ class Launcher:
         key = self.key(args, meta)
         found = self.compiled.get(key)
         if found is None:
-            if len(args) != len(self.specialised):
-                raise TypeError(f"{self.kernel.__name__} takes {len(self.specialised)} positional arguments, "
-                                f"got {len(args)}")
             compiled = self.kernel[grid](*args, **meta)
             self.compiled[key] = compiled, [meta[name] for name in self.constexprs]
             return

@@ -49,9 +49,12 @@ def test_launcher_compiles_once_per_specialisation_and_runs_the_compiled_kernel(
                        ((x, y, 1, 7), {}),                      # n == 1 is a constant to Triton
                        ((x, y, 32, 2 ** 40), {}),               # s needs 64 bits
                        ((x.double(), y, 32, 7), {}),            # another dtype
+                       ((x, None, 32, 7), {}),                  # no tensor for y: another argument type
                        ((x, y, 32, 7), {"MODE": 2})]:           # another constexpr
         before = len(kernel.log)
         launch[(4,)](*args, **{"BLOCK": 16, "MODE": 1, "num_warps": 2, **meta})
         assert kernel.log[before][0] == "compile", (args, meta)
     launch[(4,)](x, y, 32, 7, BLOCK=16, MODE=1, num_warps=4)    # another launch option
     assert kernel.log[-1][0] == "compile"
+    launch[(2,)](x, y, 64, 2 ** 40 + 1, BLOCK=16, MODE=1, num_warps=2)   # specialised as an earlier call
+    assert kernel.log[-1] == ("run", (2, 1, 1), (x, y, 64, 2 ** 40 + 1, 16, 1))
