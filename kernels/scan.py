@@ -17,15 +17,18 @@ directions happens in the kernel: a direction that reaches a token first leaves 
 adds it. The state after every STATE_CHUNK steps of each direction is kept for the backward pass (``states``:
 (Bt, 2, ceil(L / STATE_CHUNK) - 1, N, E) float32).
 
-Backward, per direction and per STATE_CHUNK steps from the last (a partial last chunk runs only its tokens):
-the chunk's states are recomputed from the kept one into a per-program scratch buffer, then the state gradient
-g_t = C_t dy_t + a_next g_next runs backwards (dy = dout_z SiLU(z), the same for both directions), and with
-a_t h_prev = h_t - x_t:
+Backward, per direction and per STATE_CHUNK steps from the last (a partial last chunk runs only its tokens),
+in pieces of PIECE steps, the last first: the piece's states are recomputed from the chunk's kept one (advanced
+over the chunk's earlier steps) into a per-program scratch buffer, then the state gradient g_t = C_t dy_t +
+a_next g_next runs backwards (dy = dout_z SiLU(z), the same for both directions), and with a_t h_prev = h_t - x_t:
     du_t = delta_t sum_n g B + D dy        ddelta_t = sum_n g (B u + A (h - x))
     dB_t = sum_d g delta u                 dC_t = sum_d dy h            dA = sum_{b,t} g delta (h - x)
 dB and dC are sums over the warp's channels (``_channel_sums``: a butterfly that hands each lane one state's
 sum) written as float32 partial sums per channel block, dA, dD and the delta bias's gradient per batch row; the
-caller adds them up, so the gradients are deterministic.
+caller adds them up, so the gradients are deterministic. The scratch of the ~1600 programs resident on an H200 is
+about the size of its L2 cache with whole chunks (32 KB each): halving it with pieces of 8 steps paid for the 8
+steps more per chunk with bfloat16 sequences but not with float32 ones (results/scan_pieces_h200.json), so 16-bit
+sequences take pieces of 8 and float32 ones whole chunks.
 
 How the code keeps the compiler to this layout (checked in the compiled loops of Triton 3.6 and 3.8: no shared
 memory, no shuffles but the channel sums; scripts/inspect_kernels.py, tests/test_kernels_compiled.py): every (N,
@@ -43,6 +46,9 @@ import triton.language as tl
 from kernels.launch import INTERPRETED, Launcher
 
 STATE_CHUNK = 16   # steps between kept states = the backward pass's chunk
+# Steps of a chunk whose states the backward holds in its scratch at a time, by the sequences' element size (module
+# docstring: why)
+PIECE = {2: 8, 4: STATE_CHUNK}
 # A program is one warp with one channel per lane (the backward's channel sums shuffle across the lanes).
 CHANNELS = 32
 # Triton's interpreter (the CPU tests) runs no PTX: it takes the tl.gather / tl.load forms of the PTX helpers
@@ -81,6 +87,12 @@ def _row(ptrs, PTX: tl.constexpr):
                                          [ptrs], dtype=tl.float32, is_pure=True, pack=4)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def _drive(u_row, dl_row, bc_row, t, s_dt, s_bt, N: tl.constexpr, PTX: tl.constexpr):
+    """The part of _token that advances a state: u, delta before softplus, B."""
+    return tl.load(u_row + t * s_dt), tl.load(dl_row + t * s_dt), _row(bc_row + t * s_bt + tl.arange(0, N), PTX)
 
 
 @triton.jit
@@ -185,7 +197,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
                      states_ptr, scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dparams_ptr,
                      dbc_ptr, L, n_chunks, s_dd, s_db, s_dt, s_bd, s_bb, s_bt, s_zb, s_zt, s_gb, s_gt, s_xb, s_xt,
                      E: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, BD: tl.constexpr, S: tl.constexpr,
-                     PTX: tl.constexpr):
+                     T: tl.constexpr, PTX: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1)                      # direction
     blk = tl.program_id(2)
@@ -207,7 +219,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
     # a channel sum lands in lane l for state l // (BD // N); one lane of each group writes it
     dbc_row = dbc_ptr + ((r * n_blocks + blk) * tl.num_programs(0) + b) * L * 2 * N + lane // (BD // N)
     sums_out = lane % (BD // N) == 0
-    scratch = scratch_ptr + ((b * 2 + r) * n_blocks + blk) * S * N * BD + n[:, None] * BD + lane[None, :]
+    scratch = scratch_ptr + ((b * 2 + r) * n_blocks + blk) * T * N * BD + n[:, None] * BD + lane[None, :]
     st = states_ptr + (b * 2 + r) * (n_chunks - 1) * N * E + n[:, None] * E + d[None, :]
     g_carry = tl.zeros([N, BD], dtype=tl.float32)   # a_next g_next
     dA = tl.zeros([N, BD], dtype=tl.float32)
@@ -216,63 +228,79 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, bc_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, do
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         steps = tl.minimum(L - c * S, S)      # the last chunk may be partial: it runs only its tokens
-        h = tl.load(st + (c - 1) * N * E, mask=c > 0, other=0.0)
-        t = tl.where(r == 0, c * S, L - 1 - c * S)
-        nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N, PTX)
-        ng = tl.load(g_row + t * s_gt)
-        for j in range(steps):   # this chunk's states, and dC, which needs only them
-            s = c * S + j
+        n_pieces = tl.cdiv(steps, T) if T < S else 1
+        for k in range(n_pieces):   # the chunk in pieces of T steps, the last first (module docstring: why)
+            j0 = (n_pieces - 1 - k) * T if T < S else 0
+            piece = tl.minimum(steps - j0, T) if T < S else steps
+            h = tl.load(st + (c - 1) * N * E, mask=c > 0, other=0.0)
+            t = tl.where(r == 0, c * S, L - 1 - c * S)
+            nu, ndl, nB = _drive(u_row, dl_row, bc_row, t, s_dt, s_bt, N, PTX)
+            for j in range(j0):   # the kept state advanced to the piece's first step
+                s = c * S + j
+                u, dl, Bt = nu.to(tl.float32), ndl.to(tl.float32), nB
+                t_next = tl.minimum(tl.maximum(tl.where(r == 0, s + 1, L - 2 - s), 0), L - 1)
+                nu, ndl, nB = _drive(u_row, dl_row, bc_row, t_next, s_dt, s_bt, N, PTX)
+                delta = _softplus(dl + bias)
+                h = tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * u)[None, :]
+            s = c * S + j0
             t = tl.where(r == 0, s, L - 1 - s)
-            u, dl, Bt, z, dout_z = nu.to(tl.float32), ndl.to(tl.float32), nB, nz.to(tl.float32), ng.to(tl.float32)
-            t_next = tl.where(r == 0, s + 1, L - 2 - s)
-            t_next = tl.minimum(tl.maximum(t_next, 0), L - 1)
-            nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t_next, s_dt, s_bt, s_zt, N, PTX)
-            ng = tl.load(g_row + t_next * s_gt)
-            delta = _softplus(dl + bias)
-            h = tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * u)[None, :]
-            tl.store(scratch + j * N * BD, h)
-            dy = dout_z * z * tl.sigmoid(z)
-            tl.store(dbc_row + t * 2 * N + N, _channel_sums(h * dy[None, :], N, LOG_N, BD, PTX), mask=sums_out)
-        tl.debug_barrier()
-        s = c * S + steps - 1
-        t = tl.where(r == 0, s, L - 1 - s)
-        nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N, PTX)
-        ng = tl.load(g_row + t * s_gt)
-        ny = tl.load(y_row + t * E)
-        nh = tl.load(scratch + (steps - 1) * N * BD)
-        for jj in range(steps):   # last token first
-            j = steps - 1 - jj
-            s = c * S + j
+            nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N, PTX)
+            ng = tl.load(g_row + t * s_gt)
+            for j in range(piece):   # the piece's states, and dC, which needs only them
+                s = c * S + j0 + j
+                t = tl.where(r == 0, s, L - 1 - s)
+                u, dl, Bt, z, dout_z = nu.to(tl.float32), ndl.to(tl.float32), nB, nz.to(tl.float32), ng.to(tl.float32)
+                t_next = tl.where(r == 0, s + 1, L - 2 - s)
+                t_next = tl.minimum(tl.maximum(t_next, 0), L - 1)
+                nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t_next, s_dt, s_bt, s_zt, N, PTX)
+                ng = tl.load(g_row + t_next * s_gt)
+                delta = _softplus(dl + bias)
+                h = tl.exp2(delta[None, :] * A2) * h + Bt[:, None] * (delta * u)[None, :]
+                tl.store(scratch + j * N * BD, h)
+                dy = dout_z * z * tl.sigmoid(z)
+                tl.store(dbc_row + t * 2 * N + N, _channel_sums(h * dy[None, :], N, LOG_N, BD, PTX), mask=sums_out)
+            tl.debug_barrier()
+            s = c * S + j0 + piece - 1
             t = tl.where(r == 0, s, L - 1 - s)
-            u, dl, Bt, Ct, z, dout_z, y, h = (nu.to(tl.float32), ndl.to(tl.float32), nB, nC, nz.to(tl.float32),
-                                              ng.to(tl.float32), ny, nh)
-            t_next = tl.where(r == 0, s - 1, L - s)
-            t_next = tl.minimum(tl.maximum(t_next, 0), L - 1)
-            nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t_next, s_dt, s_bt, s_zt, N, PTX)
-            ng = tl.load(g_row + t_next * s_gt)
-            ny = tl.load(y_row + t_next * E)
-            nh = tl.load(scratch + tl.maximum(j - 1, 0) * N * BD)
-            delta_in = dl + bias
-            delta = _softplus(delta_in)
-            sig_z = tl.sigmoid(z)
-            dy = dout_z * z * sig_z
-            g = Ct[:, None] * dy[None, :] + g_carry
-            g_carry = tl.exp2(delta[None, :] * A2) * g
-            du_dx = delta * u
-            decayed = (h - Bt[:, None] * du_dx[None, :]) * g   # g_t a_t h_prev
-            gB = tl.sum(g * Bt[:, None], 0)
-            out = b * L + t
-            tl.store(du_ptr + r * s_dd + b * s_db + t * s_dt + d, (delta * gB + Dv * dy).to(du_ptr.dtype.element_ty))
-            ddelta = (u * gB + tl.sum(decayed * A2, 0) * LN2) * tl.sigmoid(delta_in)
-            tl.store(ddelta_ptr + (r * tl.num_programs(0) * L + out) * E + d, ddelta.to(ddelta_ptr.dtype.element_ty))
-            tl.store(dbc_row + t * 2 * N, _channel_sums(g * du_dx[None, :], N, LOG_N, BD, PTX), mask=sums_out)
-            dA += decayed * delta[None, :]
-            dD += dy * u
-            dbias += ddelta
-            tl.store(dz_ptr + b * s_xb + t * s_xt + d, (dout_z * y * sig_z * (1.0 + z * (1.0 - sig_z))).to(
-                dz_ptr.dtype.element_ty), mask=first)
-            tl.store(out_z_ptr + out * E + d, (y * z * sig_z).to(out_z_ptr.dtype.element_ty), mask=first)
-        tl.debug_barrier()
+            nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t, s_dt, s_bt, s_zt, N, PTX)
+            ng = tl.load(g_row + t * s_gt)
+            ny = tl.load(y_row + t * E)
+            nh = tl.load(scratch + (piece - 1) * N * BD)
+            for jj in range(piece):   # last token first
+                j = piece - 1 - jj
+                s = c * S + j0 + j
+                t = tl.where(r == 0, s, L - 1 - s)
+                u, dl, Bt, Ct, z, dout_z, y, h = (nu.to(tl.float32), ndl.to(tl.float32), nB, nC, nz.to(tl.float32),
+                                                  ng.to(tl.float32), ny, nh)
+                t_next = tl.where(r == 0, s - 1, L - s)
+                t_next = tl.minimum(tl.maximum(t_next, 0), L - 1)
+                nu, ndl, nB, nC, nz = _token(u_row, dl_row, bc_row, z_row, t_next, s_dt, s_bt, s_zt, N, PTX)
+                ng = tl.load(g_row + t_next * s_gt)
+                ny = tl.load(y_row + t_next * E)
+                nh = tl.load(scratch + tl.maximum(j - 1, 0) * N * BD)
+                delta_in = dl + bias
+                delta = _softplus(delta_in)
+                sig_z = tl.sigmoid(z)
+                dy = dout_z * z * sig_z
+                g = Ct[:, None] * dy[None, :] + g_carry
+                g_carry = tl.exp2(delta[None, :] * A2) * g
+                du_dx = delta * u
+                decayed = (h - Bt[:, None] * du_dx[None, :]) * g   # g_t a_t h_prev
+                gB = tl.sum(g * Bt[:, None], 0)
+                out = b * L + t
+                tl.store(du_ptr + r * s_dd + b * s_db + t * s_dt + d,
+                         (delta * gB + Dv * dy).to(du_ptr.dtype.element_ty))
+                ddelta = (u * gB + tl.sum(decayed * A2, 0) * LN2) * tl.sigmoid(delta_in)
+                tl.store(ddelta_ptr + (r * tl.num_programs(0) * L + out) * E + d,
+                         ddelta.to(ddelta_ptr.dtype.element_ty))
+                tl.store(dbc_row + t * 2 * N, _channel_sums(g * du_dx[None, :], N, LOG_N, BD, PTX), mask=sums_out)
+                dA += decayed * delta[None, :]
+                dD += dy * u
+                dbias += ddelta
+                tl.store(dz_ptr + b * s_xb + t * s_xt + d, (dout_z * y * sig_z * (1.0 + z * (1.0 - sig_z))).to(
+                    dz_ptr.dtype.element_ty), mask=first)
+                tl.store(out_z_ptr + out * E + d, (y * z * sig_z).to(out_z_ptr.dtype.element_ty), mask=first)
+            tl.debug_barrier()
     dparams = dparams_ptr + b * (N + 2) * 2 * E   # (Bt, N + 2, 2E): [dA (N rows) ; dD ; ddelta_bias]
     tl.store(dparams + tile, dA)
     tl.store(dparams + N * 2 * E + ch, dD)
@@ -356,13 +384,15 @@ def scan_bwd(u, delta, BC, z, A, D, delta_bias, dout_z, y, states, dz):
     du = torch.empty_like(u)   # u's strides: the kernel writes it with them
     ddelta = torch.empty(2, bt, length, e, device=u.device, dtype=delta.dtype)
     out_z = torch.empty(bt, length, e, device=u.device, dtype=u.dtype)
-    scratch = torch.empty(bt * 2 * blocks, STATE_CHUNK, n, CHANNELS, **f32)
+    piece = PIECE.get(u.element_size(), STATE_CHUNK)
+    scratch = torch.empty(bt * 2 * blocks, piece, n, CHANNELS, **f32)
     dparams = torch.empty(bt, n + 2, 2 * e, **f32)   # per batch row: dA (stored (N, 2E)), dD, ddelta_bias
     dbc = torch.empty(2, blocks, bt, length, 2 * n, **f32)
     _scan_bwd[(bt, 2, blocks)](
         u, delta, BC, z, *_params(A, D, delta_bias), dout_z, y, states, scratch, du, ddelta, dz, out_z,
         dparams, dbc, length, n_chunks, *_strides(u, delta, BC, z), dout_z.stride(0), dout_z.stride(1),
-        dz.stride(0), dz.stride(1), E=e, N=n, LOG_N=n.bit_length() - 1, BD=CHANNELS, S=STATE_CHUNK, PTX=PTX,
+        dz.stride(0), dz.stride(1), E=e, N=n, LOG_N=n.bit_length() - 1, BD=CHANNELS, S=STATE_CHUNK, T=piece,
+        PTX=PTX,
         num_warps=1)
     dparams = dparams.sum(0)
     return (du, ddelta, dparams[:n].t().to(A.dtype), dbc.sum(1), dparams[n].to(D.dtype),

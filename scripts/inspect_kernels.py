@@ -37,7 +37,8 @@ def compile_sm90(kernel, dtype):
     names = kernel.arg_names
     signature = {n: "constexpr" if n in CONSTEXPRS else ("*" + (dtype if n in SEQUENCES else "fp32"))
                  if n.endswith("_ptr") else "i32" for n in names}
-    constexprs = {(names.index(n),): v for n, v in CONSTEXPRS.items() if n in names}
+    values = dict(CONSTEXPRS, T=scan.PIECE[TORCH[dtype].itemsize])   # the backward's piece, as scan_bwd picks it
+    constexprs = {(names.index(n),): v for n, v in values.items() if n in names}
     return triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=1))
 

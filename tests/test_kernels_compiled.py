@@ -24,11 +24,13 @@ def test_scan_token_loops_keep_a_channel_per_lane(dtype):
                           "--json"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     fwd, bwd = (json.loads(line) for line in out.splitlines())
     assert fwd["spill_bytes"] == 0 and bwd["spill_bytes"] == 0
-    assert len(fwd["loops"]) == 1 and len(bwd["loops"]) == 2
+    assert len(fwd["loops"]) == 1
     for loop in fwd["loops"] + bwd["loops"]:
         assert all(loop[op] == 0 for op in ("BAR", "LDS", "STS", "LDSM", "STSM", "LDL", "STL")), loop
     assert fwd["loops"][0]["SHFL"] == 0
-    assert [loop["SHFL"] for loop in bwd["loops"]] == [16, 16]
+    # the recompute and gradient loops shuffle only for the channel sums; 16-bit sequences' pieces add a loop
+    # that advances the kept state
+    assert [loop["SHFL"] for loop in bwd["loops"]] == {"fp32": [16, 16], "bf16": [0, 16, 16]}[dtype]
 
 
 @pytest.mark.parametrize("dtype, products", [("fp32", 6), ("bf16", 1)])

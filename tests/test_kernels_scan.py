@@ -60,10 +60,12 @@ def run(x, dout_z):
 @pytest.mark.parametrize("b, e, n, length", [
     (2, 32, 4, 2 * S + 3),     # three backward chunks, the last partial; odd length: a middle token
     (1, 32, 16, 2 * S),        # exactly two, Vim's d_state; even length
-    (2, 64, 8, S - 3),         # shorter than one chunk, two channel blocks
+    (2, 64, 8, S - 3),         # shorter than one chunk (in pieces of 8: a whole piece, a partial one); two blocks
     (1, 32, 4, 1),             # one token: both directions meet on it
 ])
-def test_scan_matches_float64_reference_and_autograd(b, e, n, length):
+@pytest.mark.parametrize("piece", [S, 8])   # float32's whole chunks; 16-bit sequences' pieces (kernels.scan.PIECE)
+def test_scan_matches_float64_reference_and_autograd(b, e, n, length, piece, monkeypatch):
+    monkeypatch.setitem(kscan.PIECE, 4, piece)
     x = inputs(b, e, n, length, seed=length)
     leaves = {k: v.double().requires_grad_() for k, v in x.items()}
     ref_y, ref_z = reference(leaves)
