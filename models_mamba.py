@@ -102,8 +102,10 @@ class BiMamba(nn.Module):
 
     def forward(self, hidden, params=None):
         """hidden (B, L, D); params: this mixer's entry of stacked_params (computed here if not given)."""
-        params = params or stacked_params([self], hidden)[0]
-        return ssm_ops.bimamba_inner(hidden, self.in_proj.weight, *params, self.out_proj.weight, self.backend)
+        conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, in_proj_w, out_proj_w, gemm = (
+            params or stacked_params([self], hidden)[0])
+        return ssm_ops.bimamba_inner(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D,
+                                     out_proj_w, gemm, self.backend)
 
 
 def _gemm_dtype(like, weight):
@@ -131,9 +133,11 @@ def pad_dt_rank(x_proj_w, dt_proj_w, multiple=8):
 def stacked_params(mixers, like):
     """The two directions' parameters of every mixer, stacked as ssm_ops.bimamba_inner takes them (forward
     direction first): one tuple (conv_w (2E, W), conv_b, x_proj_w (2, R+2N, E), dt_proj_w (2, E, R), dt_bias,
-    A = -exp(A_log) (2E, N), D) per mixer. Built for all mixers at once, a handful of ops per step instead of
-    per layer; A, D and the delta bias in at least float32. For the Triton kernels (on tensors like ``like``)
-    A is stored (N, 2E), as they read it, and with 2-byte GEMMs the rank is padded (pad_dt_rank)."""
+    A = -exp(A_log) (2E, N), D, in_proj_w, out_proj_w, gemm) per mixer. Built for all mixers at once, a handful of
+    ops per step instead of per layer; A, D and the delta bias in at least float32. For the Triton kernels (on
+    tensors like ``like``) A is stored (N, 2E), as they read it, with 2-byte GEMMs the rank is padded
+    (pad_dt_rank), in_proj_w is autocast's cast of in_proj's weight, and gemm holds the mixer's GEMM operands
+    (ssm_ops.gemm_weights); otherwise in_proj_w is the weight itself and gemm None."""
     def both(get):
         return [t for m in mixers for t in (get(m, ""), get(m, "_b"))]
     n = len(mixers)
@@ -144,8 +148,16 @@ def stacked_params(mixers, like):
     conv_w = torch.cat(both(lambda m, s: getattr(m, "conv1d" + s).weight))
     x_proj_w = torch.stack(both(lambda m, s: getattr(m, "x_proj" + s).weight)).unflatten(0, (n, 2))
     dt_proj_w = torch.stack(both(lambda m, s: getattr(m, "dt_proj" + s).weight)).unflatten(0, (n, 2))
-    if triton and _gemm_dtype(like, x_proj_w).itemsize == 2:
+    dtype = _gemm_dtype(like, x_proj_w)
+    if triton and dtype.itemsize == 2:
         x_proj_w, dt_proj_w = pad_dt_rank(x_proj_w, dt_proj_w)
+    in_proj_w, gemm = [m.in_proj.weight for m in mixers], [None] * n
+    if triton:
+        if in_proj_w[0].dtype != dtype:   # as autocast casts it in F.linear (same gradient), once for all layers
+            in_proj_w = torch.stack(in_proj_w).to(dtype).unbind(0)
+        with torch.no_grad():
+            out_proj_w = torch.stack([m.out_proj.weight for m in mixers])
+        gemm = list(zip(*(t.unbind(0) for t in ssm_ops.gemm_weights(x_proj_w, dt_proj_w, out_proj_w, dtype))))
     stacked = (
         conv_w.view(n, -1, conv_w.shape[-1]),
         torch.cat(both(lambda m, s: getattr(m, "conv1d" + s).bias)).view(n, -1),
@@ -155,7 +167,8 @@ def stacked_params(mixers, like):
         A,
         _at_least_fp32(torch.cat(both(lambda m, s: getattr(m, "D" + s)))).view(n, -1),
     )
-    return list(zip(*(t.unbind(0) for t in stacked)))
+    return [params + (i, m.out_proj.weight, g)
+            for params, i, m, g in zip(zip(*(t.unbind(0) for t in stacked)), in_proj_w, mixers, gemm)]
 
 
 class Block(nn.Module):

@@ -2,7 +2,7 @@
 
 One narrow function, a reference and two kernel backends:
 
-    bimamba_inner(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, backend)
+    bimamba_inner(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, gemm, backend)
         -> (B, L, Dm)
 
 * ``torch``: a pure-PyTorch reference written from the recurrence (any device, any dtype, plain autograd).
@@ -245,6 +245,14 @@ def _autocast(*tensors):
     return tensors
 
 
+def gemm_weights(x_proj_w, dt_proj_w, out_proj_w, dtype):
+    """BiMambaTritonFn's GEMM operands from its weights (one mixer's, or every mixer's stacked): x_proj_w, dt_proj_w
+    and out_proj_w / 2 in ``dtype``, as constants; the Function returns the weights' own gradients, in float32.
+    models_mamba.stacked_params makes them for all layers at once: a few kernels per step instead of per layer."""
+    with torch.no_grad():
+        return x_proj_w.detach().to(dtype), dt_proj_w.detach().to(dtype), (out_proj_w * 0.5).to(dtype)
+
+
 class BiMambaInnerFn(torch.autograd.Function):
     """bimamba_inner_ref on mamba-ssm's scan and causal-conv1d's conv (``cuda``): channel-major, the flipped
     direction as a copy, both directions in one scan call, conv output and delta recomputed."""
@@ -306,8 +314,10 @@ class BiMambaTritonFn(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w):
-        xz, x_proj_w, dt_proj_w, out_proj_w = _autocast(xz, x_proj_w, dt_proj_w, out_proj_w)
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, gemm):
+        """gemm: gemm_weights(x_proj_w, dt_proj_w, out_proj_w, xz's dtype), which the GEMMs use; x_proj_w, dt_proj_w
+        and out_proj_w themselves only receive their gradients."""
+        x_proj_w, dt_proj_w, half_out_proj_w = gemm
         b, l, e2 = xz.shape
         e, n = e2 // 2, A.shape[-1]
         u = conv_kernels.conv_fwd(xz[..., :e], conv_w, conv_b)
@@ -316,14 +326,14 @@ class BiMambaTritonFn(torch.autograd.Function):
         delta = torch.bmm(x_dbl[..., :rank], dt_proj_w.transpose(1, 2)).view(2, b, l, e)
         BC = scan_kernels.bc_rows(x_dbl[..., rank:].view(2, b, l, 2 * n))   # float32 x_dbl: a view; else a copy
         y, out_z, states = scan_kernels.scan_fwd(u, delta, BC, xz[..., e:], A, D, dt_bias)
-        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, BC, states,
-                              y)
-        return F.linear(out_z, out_proj_w * 0.5)   # the /2 folded into the weight
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, half_out_proj_w, x_dbl, BC,
+                              states, y)
+        return F.linear(out_z, half_out_proj_w)   # the /2 folded into the weight
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, x_dbl, BC, states, y = ctx.saved_tensors
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, half_out_proj_w, x_dbl, BC, states, y = ctx.saved_tensors
         b, l, e2 = xz.shape
         e, n, k = e2 // 2, A.shape[-1], x_dbl.shape[-1]
         rank = k - 2 * n
@@ -331,7 +341,7 @@ class BiMambaTritonFn(torch.autograd.Function):
         delta = torch.bmm(x_dbl[..., :rank], dt_proj_w.transpose(1, 2)).view(2, b, l, e)
         dout = dout.to(xz.dtype)
         dxz = torch.empty_like(xz)
-        dout_z = torch.matmul(dout, out_proj_w * 0.5)
+        dout_z = torch.matmul(dout, half_out_proj_w)
         du, ddelta, dA, dBC, dD, ddt_bias, out_z = scan_kernels.scan_bwd(
             u, delta, BC, xz[..., e:], A, D, dt_bias, dout_z, y, states, dxz[..., e:])
         dx_dbl = torch.cat([torch.bmm(ddelta.view(2, b * l, e), dt_proj_w), dBC.view(2, b * l, 2 * n).to(x_dbl.dtype)],
@@ -341,18 +351,20 @@ class BiMambaTritonFn(torch.autograd.Function):
         dout_proj_w = dout_proj_w * 0.5
         du.view(2, b * l, e).baddbmm_(dx_dbl, x_proj_w)
         dconv_w, dconv_b = conv_kernels.conv_bwd(xz[..., :e], conv_w, conv_b, du, dxz[..., :e])
-        return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w
+        return dxz, dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD, dout_proj_w, None
 
 
-def bimamba_inner(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w,
+def bimamba_inner(hidden, in_proj_w, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, gemm=None,
                   backend="auto"):
     """in_proj and the mixer: hidden (B, L, Dm), in_proj_w (2E, Dm), the rest as bimamba_inner_ref -> (B, L, Dm).
     in_proj's GEMM writes xz in the layout the chosen kernels read: token-major for ``triton``, channel-major
-    ((2E, B*L) memory seen as (B, 2E, L)) for ``cuda`` and ``torch``."""
+    ((2E, B*L) memory seen as (B, 2E, L)) for ``cuda`` and ``torch``. gemm: the Triton Function's GEMM operands
+    (gemm_weights), made here if not given."""
     args = (conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w)
     backend = resolve_backend(backend, hidden, *A.shape)
     if backend == "triton":
-        return BiMambaTritonFn.apply(F.linear(hidden, in_proj_w), *args)
+        xz = F.linear(hidden, in_proj_w)
+        return BiMambaTritonFn.apply(xz, *args, gemm or gemm_weights(x_proj_w, dt_proj_w, out_proj_w, xz.dtype))
     b, l, _ = hidden.shape
     xz = (in_proj_w @ hidden.reshape(b * l, -1).t()).view(-1, b, l).permute(1, 0, 2)
     if backend == "torch":

@@ -3,6 +3,7 @@ float64 re-implementations of the mixer and of the whole block loop.
 
 Tiny models (32 px images, 8 px patches: 16 patches + class token, depth 4, width 16) keep it fast on a CPU.
 """
+import copy
 import io
 import math
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import models_mamba
+import ssm_ops
 import token_fusion
 from test_token_fusion import naive_fuse
 
@@ -231,6 +233,28 @@ def test_model_without_fusion_matches_naive_float64(cls_position):
     assert cls == [0 if cls_position == "head" else 8] * 2
     got = model(images)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (got - want).abs().max()
+
+
+@pytest.mark.skipif(not ssm_ops.TRITON_AVAILABLE, reason="needs Triton")
+def test_model_on_the_triton_function_equals_float64_torch_path(monkeypatch):
+    """The whole model as it runs on CUDA's default kernels (stacked_params' Triton layout and GEMM operands,
+    BiMambaTritonFn; Triton's interpreter on the CPU) against the float64 torch path: logits and the gradient of
+    every parameter."""
+    model = tiny(fusion_strategy="upper", fusion_layer=1, fusion_token=2)
+    reference = copy.deepcopy(model).double()
+    images = torch.randn(2, 3, 32, 32)
+    g = torch.randn(2, 5)
+    want = reference(images.double())
+    (want * g.double()).sum().backward()
+    monkeypatch.setattr(ssm_ops, "resolve_backend", lambda name, tensor, channels=None, d_state=None: "triton")
+    got = model(images)
+    (got * g).sum().backward()
+
+    def close(a, b, tol):   # relative to the reference's norm; exactly equal where that is zero (the last layer's
+        return (a.double() - b).norm() <= tol * b.norm()   # forward-direction A_log with a head class token)
+    assert close(got, want, 1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert close(p.grad, q.grad, 1e-4), name
 
 
 @pytest.mark.parametrize("cls_position,strategy,layer,token,order,mode", [

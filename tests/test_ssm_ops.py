@@ -126,8 +126,10 @@ def test_kernel_function_matches_reference_autograd(monkeypatch, backend):
     else:
         fn_in[0] = fn_in[0].transpose(1, 2).contiguous()
     fn_in = [t.requires_grad_() for t in fn_in]
-    fn = ssm_ops.BiMambaInnerFn if backend == "cuda" else ssm_ops.BiMambaTritonFn
-    fn_out = fn.apply(*fn_in)
+    if backend == "cuda":
+        fn_out = ssm_ops.BiMambaInnerFn.apply(*fn_in)
+    else:   # the GEMM operands as stacked_params hands them over: constants beside the weights
+        fn_out = ssm_ops.BiMambaTritonFn.apply(*fn_in, ssm_ops.gemm_weights(fn_in[3], fn_in[4], fn_in[8], torch.float32))
     fn_grads = list(torch.autograd.grad(fn_out, fn_in, dout.to(device)))
     assert fn_grads[0].stride() == fn_in[0].stride()  # so in_proj's backward takes dxz without a copy
     if backend == "triton":
