@@ -18,8 +18,8 @@ adds it. The state after every STATE_CHUNK steps of each direction is kept for t
 (Bt, 2, ceil(L / STATE_CHUNK) - 1, N, E) float32).
 
 Backward, per direction and per STATE_CHUNK steps from the last (a partial last chunk runs only its tokens),
-in pieces of PIECE steps, the last first: the piece's states are recomputed from the chunk's kept one (advanced
-over the chunk's earlier steps) into a per-program scratch buffer, then the state gradient g_t = C_t dy_t +
+in pieces of T steps (PIECE), the last first: the piece's states are recomputed from the chunk's kept one
+(advanced over the chunk's earlier steps) into a per-program scratch buffer, then the state gradient g_t = C_t dy_t +
 a_next g_next runs backwards (dy = dout_z SiLU(z), the same for both directions), and with a_t h_prev = h_t - x_t:
     du_t = delta_t sum_n g B + D dy        ddelta_t = sum_n g (B u + A (h - x))
     dB_t = sum_d g delta u                 dC_t = sum_d dy h            dA = sum_{b,t} g delta (h - x)
