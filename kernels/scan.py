@@ -28,7 +28,7 @@ sum) written as float32 partial sums per channel block, dA, dD and the delta bia
 caller adds them up, so the gradients are deterministic. The scratch of the ~1600 programs resident on an H200 is
 about the size of its L2 cache with whole chunks (32 KB each): halving it with pieces of 8 steps paid for the 8
 steps more per chunk with bfloat16 sequences but not with float32 ones (results/scan_pieces_h200.json), so 16-bit
-sequences take pieces of 8 and float32 ones whole chunks.
+sequences (float16's too, not timed) take pieces of 8 and float32 ones whole chunks.
 
 How the code keeps the compiler to this layout (checked in the compiled loops of Triton 3.6 and 3.8: no shared
 memory, no shuffles but the channel sums; scripts/inspect_kernels.py, tests/test_kernels_compiled.py): every (N,
