@@ -7,8 +7,12 @@ fused layers). ``Launcher(kernel)[grid](*args, **meta)`` does the same launch: i
 what Triton specialises on (each tensor's dtype and 16-byte alignment, each integer's width, divisibility by
 16 and being 1, except where the kernel says do_not_specialize / do_not_specialize_on_alignment, plus the
 keyword arguments), compiles it through ``kernel[grid]`` the first time, and afterwards calls the compiled
-kernel directly. Triton's interpreter (the CPU tests) always takes ``kernel[grid]``.
+kernel directly. With Triton 3.6 (torch 2.11's), whose launch path is known here, that call goes straight to the
+compiled kernel's C launcher (``_direct``) rather than through ``compiled[grid]``, which on every launch builds a
+closure, asks for the device, builds launch metadata for the (empty) launch hooks and calls them. Triton's
+interpreter (the CPU tests) always takes ``kernel[grid]``.
 """
+import inspect
 import os
 from operator import attrgetter, itemgetter
 
@@ -18,6 +22,34 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _DTYPE = attrgetter("dtype")
+
+
+def _direct(compiled):
+    """compiled[grid](*args) as ``launch(grid, *args)`` that calls the C launcher of Triton 3.6's CUDA backend with
+    what its runner would pass (the current device's stream, no launch metadata, no hooks), or None where that
+    launcher is not the one known here or needs what the runner does (scratch memory)."""
+    import triton
+    if not triton.__version__.startswith("3.6.") or not hasattr(compiled, "packed_metadata"):
+        return None
+    run = compiled.run   # loads the kernel
+    call = getattr(type(run), "__call__", None)
+    if (call is None or list(inspect.signature(call).parameters) != ["self", "gridX", "gridY", "gridZ", "stream",
+                                                                      "function", "args"]
+            or not hasattr(run, "launch") or run.global_scratch_size or run.profile_scratch_size):
+        return None
+    c_launch, function, metadata = run.launch, compiled.function, compiled.packed_metadata
+    cooperative, pdl = run.launch_cooperative_grid, run.launch_pdl
+    runtime = triton.knobs.runtime
+    stream, device = torch._C._cuda_getCurrentRawStream, torch.cuda.current_device
+
+    def launch(grid, *args):
+        if getattr(runtime.launch_enter_hook, "calls", True) or getattr(runtime.launch_exit_hook, "calls", True):
+            # a profiler is listening to launches (or the hooks are not the chains known here)
+            compiled[grid](*args)
+            return
+        c_launch(grid[0], grid[1], grid[2], stream(device()), function, cooperative, pdl, None, None, metadata,
+                 None, None, None, *args)
+    return launch
 
 
 def _picker(positions):
@@ -86,7 +118,9 @@ class Launcher:
         found = self.compiled.get(key)
         if found is None:
             compiled = self.kernel[grid](*args, **meta)
-            self.compiled[key] = compiled, [meta[name] for name in self.constexprs]
+            direct = _direct(compiled)
+            self.compiled[key] = (direct or (lambda grid, *args: compiled[grid](*args)),
+                                  [meta[name] for name in self.constexprs])
             return
-        compiled, constexprs = found
-        compiled[grid](*args, *constexprs)
+        launch, constexprs = found
+        launch(grid, *args, *constexprs)

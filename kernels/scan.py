@@ -348,8 +348,13 @@ def _check(u, delta, A, BC, z):
 
 
 def _params(A, D, delta_bias):
-    """A as the kernels read it, stored (N, 2E) (no copy for A.float().t().contiguous().t()), D, delta bias."""
-    return A.float().t().contiguous(), D.float().contiguous(), delta_bias.float().contiguous()
+    """A as the kernels read it, stored (N, 2E), D and the delta bias, float32 and contiguous. The kernels take only
+    their addresses, so an A stored that way already (A.float().t().contiguous().t(), as models_mamba.stacked_params
+    keeps it) and float32 D and bias pass as they are, without the host time of the conversions' calls."""
+    if not (A.dtype == torch.float32 and A.stride() == (1, A.shape[0])):
+        A = A.float().t().contiguous()
+    return A, *(t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+                for t in (D, delta_bias))
 
 
 def scan_fwd(u, delta, BC, z, A, D, delta_bias):
