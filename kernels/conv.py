@@ -68,7 +68,7 @@ def _conv_dir_bwd(p3, p2, p1, x0, f1, f2, f3, w_ptr, b_ptr, c, e, dout_ptr, row,
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, s_xb, s_xt,
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dwb_ptr, L, s_xb, s_xt,
                      E: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -87,18 +87,20 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, s
                                             (tl.num_programs(0) + b) * L, t, -1, L, E)
     tl.store(dx_ptr + b * s_xb + t[:, None] * s_xt + e[None, :], (dx0 + dx1).to(dx_ptr.dtype.element_ty),
              mask=(t < L)[:, None])
-    # partial weight and bias gradients of this program (its batch row and tokens), both directions
-    part = (b * tl.num_programs(2) + tl.program_id(2)) * 2 * E + e
-    tl.store(dw_ptr + part * 4, a0)
-    tl.store(dw_ptr + part * 4 + 1, a1)
-    tl.store(dw_ptr + part * 4 + 2, a2)
-    tl.store(dw_ptr + part * 4 + 3, a3)
-    tl.store(db_ptr + part, ab)
-    tl.store(dw_ptr + (part + E) * 4, c0)
-    tl.store(dw_ptr + (part + E) * 4 + 1, c1)
-    tl.store(dw_ptr + (part + E) * 4 + 2, c2)
-    tl.store(dw_ptr + (part + E) * 4 + 3, c3)
-    tl.store(db_ptr + part + E, cb)
+    # partial weight and bias gradients of this program (its batch row and tokens), both directions: per channel its
+    # 4 weights' and then its bias's, so that one sum over the programs adds up both
+    fwd = ((b * tl.num_programs(2) + tl.program_id(2)) * 2 * E + e) * 5
+    bwd = fwd + E * 5
+    tl.store(dwb_ptr + fwd, a0)
+    tl.store(dwb_ptr + fwd + 1, a1)
+    tl.store(dwb_ptr + fwd + 2, a2)
+    tl.store(dwb_ptr + fwd + 3, a3)
+    tl.store(dwb_ptr + fwd + 4, ab)
+    tl.store(dwb_ptr + bwd, c0)
+    tl.store(dwb_ptr + bwd + 1, c1)
+    tl.store(dwb_ptr + bwd + 2, c2)
+    tl.store(dwb_ptr + bwd + 3, c3)
+    tl.store(dwb_ptr + bwd + 4, cb)
 
 
 _conv_bwd = Launcher(_conv_bwd_kernel)
@@ -134,12 +136,12 @@ def conv_bwd(x, weight, bias, dout, dx):
     if dx.shape != x.shape or dx.stride() != x.stride() or dout.shape != (2, bt, length, e) or not dout.is_contiguous():
         raise ValueError("dx must have x's shape and strides, dout be (2, Bt, L, E) contiguous")
     blocks = triton.cdiv(length, CONV_TOKENS)
-    dw = torch.empty(bt * blocks, 2 * e, CONV_WIDTH, device=x.device, dtype=torch.float32)
-    db = torch.empty(bt * blocks, 2 * e, device=x.device, dtype=torch.float32)
+    dwb = torch.empty(bt * blocks, 2 * e, CONV_WIDTH + 1, device=x.device, dtype=torch.float32)   # [weights | bias]
     _conv_bwd[(bt, e // CONV_CHANNELS, blocks)](
-        x, weight.contiguous(), bias.contiguous(), dout, dx, dw, db, length, x.stride(0), x.stride(1), E=e,
+        x, weight.contiguous(), bias.contiguous(), dout, dx, dwb, length, x.stride(0), x.stride(1), E=e,
         BD=CONV_CHANNELS, BL=CONV_TOKENS)
-    return dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
+    dwb = dwb.sum(0)
+    return dwb[:, :CONV_WIDTH].to(weight.dtype), dwb[:, CONV_WIDTH].to(bias.dtype)
 
 
 def conv_ref(x, weight, bias):
