@@ -152,14 +152,15 @@ class _MergeRows(torch.autograd.Function):
     out[b, j] = (x[b, keep[b, j]] + sum of x[b, src[b, k]] over dst[b, k] = j) / weight[b, j] (weight (B, T - r, 1)).
     Backward: M^T is a gather, dx[b, i] = dout[b, dest[b, i]] / weight[b, dest[b, i]] with dest[b, i] the output row
     of input row i, so no zero-filled scatter buffer is needed and no stream is saved. On CUDA each direction is
-    one Triton kernel for two streams; elsewhere index_select / index_add_ on the flattened rows.
+    one Triton kernel for two streams; elsewhere index_select / index_add_ on the flattened rows. ``counts``: weight
+    is the group size (the plain mean), which the merge kernel uses to skip the rows nothing is fused into.
     """
 
     @staticmethod
-    def forward(ctx, keep, src, dst, dest, weight, *streams):
+    def forward(ctx, keep, src, dst, dest, weight, counts, *streams):
         ctx.save_for_backward(dest, weight)
         if _use_kernels(streams[0]):
-            return tuple(fusion_kernels.merge_rows(streams, keep, src, dst, weight))
+            return tuple(fusion_kernels.merge_rows(streams, keep, src, dst, weight, counts))
         batch, num_tokens = dest.shape
         kept = keep.shape[1]
         keep, src, dst = _flat_rows(keep, num_tokens), _flat_rows(src, num_tokens), _flat_rows(dst, kept)
@@ -175,10 +176,10 @@ class _MergeRows(torch.autograd.Function):
     def backward(ctx, *grads):
         dest, weight = ctx.saved_tensors
         if _use_kernels(grads[0]):
-            return (None,) * 5 + tuple(fusion_kernels.gather_rows(grads, dest, weight))
+            return (None,) * 6 + tuple(fusion_kernels.gather_rows(grads, dest, weight))
         batch, num_tokens = dest.shape
         rows = _flat_rows(dest, weight.shape[1])
-        return (None,) * 5 + tuple((g / weight.to(g.dtype)).reshape(-1, g.shape[-1]).index_select(0, rows)
+        return (None,) * 6 + tuple((g / weight.to(g.dtype)).reshape(-1, g.shape[-1]).index_select(0, rows)
                                    .view(batch, num_tokens, -1) for g in grads)
 
 
@@ -192,7 +193,7 @@ def merge(streams, src, keep, dst_out, dest, size=None):
         weight = merged_size(keep, src, dst_out, size)
     if size is not None:
         streams = [x * size for x in streams]
-    return list(_MergeRows.apply(keep, src, dst_out, dest, weight, *streams)), weight
+    return list(_MergeRows.apply(keep, src, dst_out, dest, weight, size is None, *streams)), weight
 
 
 def merged_size(keep, src, dst_out, size=None):
@@ -222,7 +223,7 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     if (r and mode == "mean" and order == "released" and _use_kernels(hidden)  # the paper's setting: one kernel
             and num_tokens <= fusion_kernels.FUSION_MAP_MAX_TOKENS):
         src, keep, dst_out, dest, weight, cls_out = fusion_kernels.fusion_map(hidden, r, cls_index)
-        return (*_MergeRows.apply(keep, src, dst_out, dest, weight, hidden, residual), cls_out, None,
+        return (*_MergeRows.apply(keep, src, dst_out, dest, weight, True, hidden, residual), cls_out, None,
                 compose_source(source, dest))
     src, dst, kept_a = bipartite_soft_matching(hidden, r, cls_index)
     keep, dst_out, dest, cls_out = fusion_indices(src, dst, kept_a, num_tokens, order, cls_index)

@@ -135,7 +135,7 @@ def launch_fusion_map(x, r, cls_index, num_warps, channels_per_step, dot_precisi
 
 @triton.jit
 def _merge_rows_kernel(x_ptr, out_ptr, y_ptr, out_y_ptr, keep_ptr, src_ptr, dst_ptr, weight_ptr, T, T_OUT, R, C,
-                       CY, TWO: tl.constexpr, BLOCK: tl.constexpr):
+                       CY, TWO: tl.constexpr, COUNTS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)   # b * T_OUT + j
     b = row // T_OUT
     c = tl.arange(0, BLOCK)
@@ -144,12 +144,15 @@ def _merge_rows_kernel(x_ptr, out_ptr, y_ptr, out_y_ptr, keep_ptr, src_ptr, dst_
     kept = base + tl.load(keep_ptr + row)
     acc = tl.load(x_ptr + kept * C + c, mask=cx).to(tl.float32)
     acc_y = tl.load(y_ptr + kept * CY + c, mask=cy).to(tl.float32)
-    for k in range(R):   # the r fused rows of this sample that land on output row j
+    weight = tl.load(weight_ptr + row)
+    searched = R
+    if COUNTS:   # weight counts the rows merged into row j: where it is 1, none of the r fused rows lands here
+        searched = tl.where(weight > 1.0, R, 0)
+    for k in range(searched):   # the r fused rows of this sample that land on output row j
         hit = tl.load(dst_ptr + b * R + k) == row - b * T_OUT
         fused = base + tl.load(src_ptr + b * R + k)
         acc += tl.load(x_ptr + fused * C + c, mask=cx & hit, other=0.0).to(tl.float32)
         acc_y += tl.load(y_ptr + fused * CY + c, mask=cy & hit, other=0.0).to(tl.float32)
-    weight = tl.load(weight_ptr + row)
     out = row.to(tl.int64)
     tl.store(out_ptr + out * C + c, (acc / weight).to(out_ptr.dtype.element_ty), mask=cx)
     tl.store(out_y_ptr + out * CY + c, (acc_y / weight).to(out_y_ptr.dtype.element_ty), mask=cy)
@@ -159,14 +162,16 @@ _merge_rows = Launcher(_merge_rows_kernel)
 
 
 @triton.jit
-def _gather_rows_kernel(g_ptr, out_ptr, h_ptr, out_h_ptr, dest_ptr, weight_ptr, T, T_OUT, C, CH, TWO: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    row = tl.program_id(0)   # b * T + i
-    c = tl.arange(0, BLOCK)
-    cg, ch = c < C, (c < CH) & TWO
-    j = (row // T).to(tl.int64) * T_OUT + tl.load(dest_ptr + row)
-    weight = tl.load(weight_ptr + j)
-    out = row.to(tl.int64)
+def _gather_rows_kernel(g_ptr, out_ptr, h_ptr, out_h_ptr, dest_ptr, weight_ptr, N_IN, T, T_OUT, C, CH,
+                        TWO: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)   # b * T + i, of N_IN = B * T
+    live = row < N_IN
+    c = tl.arange(0, BLOCK)[None, :]
+    cg, ch = (c < C) & live[:, None], (c < CH) & live[:, None] & TWO
+    j = (row // T).to(tl.int64) * T_OUT + tl.load(dest_ptr + row, mask=live, other=0)
+    weight = tl.load(weight_ptr + j, mask=live, other=1.0)[:, None]
+    j = j[:, None]
+    out = row.to(tl.int64)[:, None]
     g = tl.load(g_ptr + j * C + c, mask=cg).to(tl.float32) / weight
     tl.store(out_ptr + out * C + c, g.to(out_ptr.dtype.element_ty), mask=cg)
     h = tl.load(h_ptr + j * CH + c, mask=ch).to(tl.float32) / weight
@@ -174,6 +179,12 @@ def _gather_rows_kernel(g_ptr, out_ptr, h_ptr, out_h_ptr, dest_ptr, weight_ptr, 
 
 
 _gather_rows = Launcher(_gather_rows_kernel)
+
+# The merge's transpose takes GATHER_ROWS input rows per program: with one row and one warp per program an H200 SM
+# holds at most 32 programs, half its warps (H200, batch 128, 192 channels, bfloat16 + float32 streams: 15 / 6.6 / 3.4
+# us at 197 / 120 / 40 tokens against 19 / 11 / 4.9 for one row; the merge itself gained nothing from more rows or
+# warps per program)
+GATHER_ROWS, GATHER_WARPS = 4, 2
 
 
 def _row_block(c):
@@ -190,10 +201,13 @@ def _pairs(streams):
             for i in range(0, len(streams), 2)]
 
 
-def merge_rows(streams, keep, src, dst, weight):
+def merge_rows(streams, keep, src, dst, weight, counts=False):
     """Each x (B, T, C_k) of ``streams`` -> (B, T', C_k): out[b, j] = (x[b, keep[b, j]] + sum over k with
     dst[b, k] = j of x[b, src[b, k]]) / weight[b, j]; keep (B, T'), src and dst (B, r) long, weight (B, T') or
-    (B, T', 1) float32. Returns the list of merged streams."""
+    (B, T', 1) float32. ``counts``: weight[b, j] is the number of rows merged into row j (the plain mean), so that
+    the many rows of weight 1 need not look through the fused rows (H200, batch 128, 192 channels, bfloat16 +
+    float32 streams, r 7: 18.8 / 10.7 / 4.5 us at 197 / 120 / 40 tokens against 26.1 / 15.1 / 6.0).
+    Returns the list of merged streams."""
     bt, t = streams[0].shape[:2]
     t_out, r = keep.shape[1], src.shape[1]
     keep, src, dst, weight = keep.contiguous(), src.contiguous(), dst.contiguous(), weight.contiguous()
@@ -202,7 +216,7 @@ def merge_rows(streams, keep, src, dst, weight):
         out = x.new_empty(bt, t_out, x.shape[2])
         out_y = y.new_empty(bt, t_out, y.shape[2]) if two else out
         _merge_rows[(bt * t_out,)](x, out, y, out_y, keep, src, dst, weight, t, t_out, r, x.shape[2], y.shape[2],
-                                   TWO=two, **_row_block(max(x.shape[2], y.shape[2])))
+                                   TWO=two, COUNTS=counts, **_row_block(max(x.shape[2], y.shape[2])))
         outs += [out, out_y] if two else [out]
     return outs
 
@@ -218,7 +232,8 @@ def gather_rows(grads, dest, weight):
     for g, h, two in _pairs(grads):
         out = g.new_empty(bt, t, g.shape[2])
         out_h = h.new_empty(bt, t, h.shape[2]) if two else out
-        _gather_rows[(bt * t,)](g, out, h, out_h, dest, weight, t, t_out, g.shape[2], h.shape[2], TWO=two,
-                                **_row_block(max(g.shape[2], h.shape[2])))
+        _gather_rows[(triton.cdiv(bt * t, GATHER_ROWS),)](
+            g, out, h, out_h, dest, weight, bt * t, t, t_out, g.shape[2], h.shape[2], TWO=two, ROWS=GATHER_ROWS,
+            BLOCK=triton.next_power_of_2(max(g.shape[2], h.shape[2])), num_warps=GATHER_WARPS)
         outs += [out, out_h] if two else [out]
     return outs

@@ -35,15 +35,21 @@ def _merge_case(dtype, c=5):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c", [5, 300])
 @pytest.mark.parametrize("n_streams", [1, 2, 3])
-def test_merge_rows_and_its_transpose_against_loops(dtype, c, n_streams):
+@pytest.mark.parametrize("rows,counts", [(1, False), (4, True), (8, True)])
+def test_merge_rows_and_its_transpose_against_loops(dtype, c, n_streams, rows, counts, monkeypatch):
     """Each stream merged (and its gradient gathered) as by the loops, whether it shares a launch with another
-    stream or runs alone; the second stream float32 as the fusion's residual stream is, beside a bfloat16 one."""
+    stream or runs alone; the second stream float32 as the fusion's residual stream is, beside a bfloat16 one.
+    The transpose in programs of 1, 4 and 8 rows: 8-row programs over 18 input rows leave the last partly empty.
+    With ``counts`` the weights are the group sizes themselves, from which the merge skips the rows of weight 1."""
+    monkeypatch.setattr(kt, "GATHER_ROWS", rows)
     x, keep, src, dst, weight, dest = _merge_case(dtype, c)
+    if counts:
+        weight = weight / 1.5
     g = torch.Generator().manual_seed(2)
     streams = [x if k % 2 == 0 else torch.randn(2, 9, c, generator=g) for k in range(n_streams)]
     grads = [torch.randn(2, 6, c, generator=g).to(t.dtype) for t in streams]
     on = lambda ts: [t.to(DEVICE) for t in ts]  # noqa: E731
-    got = kt.merge_rows(on(streams), *on([keep, src, dst, weight]))
+    got = kt.merge_rows(on(streams), *on([keep, src, dst, weight]), counts=counts)
     got_dx = kt.gather_rows(on(grads), *on([dest, weight]))
     assert len(got) == len(got_dx) == n_streams
     for x, grad, merged, dx in zip(streams, grads, got, got_dx):
