@@ -181,9 +181,8 @@ def _gather_rows_kernel(g_ptr, out_ptr, h_ptr, out_h_ptr, dest_ptr, weight_ptr, 
 _gather_rows = Launcher(_gather_rows_kernel)
 
 # The merge's transpose takes GATHER_ROWS input rows per program: with one row and one warp per program an H200 SM
-# holds at most 32 programs, half its warps (H200, batch 128, 192 channels, bfloat16 + float32 streams: 15 / 6.6 / 3.4
-# us at 197 / 120 / 40 tokens against 19 / 11 / 4.9 for one row; the merge itself gained nothing from more rows or
-# warps per program)
+# holds at most 32 programs, half its warps (batch 128, 192 channels, bfloat16 + float32 streams: 15.4 / 6.5 / 3.5 us
+# at 197 / 120 / 40 tokens against 18.7 / 11.1 / 4.9 for one row; results/fusion_merge_h200.txt)
 GATHER_ROWS, GATHER_WARPS = 4, 2
 
 
@@ -206,8 +205,8 @@ def merge_rows(streams, keep, src, dst, weight, counts=False):
     dst[b, k] = j of x[b, src[b, k]]) / weight[b, j]; keep (B, T'), src and dst (B, r) long, weight (B, T') or
     (B, T', 1) float32. ``counts``: weight[b, j] is the number of rows merged into row j (the plain mean), so that
     the many rows of weight 1 need not look through the fused rows (H200, batch 128, 192 channels, bfloat16 +
-    float32 streams, r 7: 18.8 / 10.7 / 4.5 us at 197 / 120 / 40 tokens against 26.1 / 15.1 / 6.0).
-    Returns the list of merged streams."""
+    float32 streams, r 7: 18.8 / 10.5 / 4.8 us at 197 / 120 / 40 tokens against 25.4 / 14.6 / 5.9;
+    results/fusion_merge_h200.txt). Returns the list of merged streams."""
     bt, t = streams[0].shape[:2]
     t_out, r = keep.shape[1], src.shape[1]
     keep, src, dst, weight = keep.contiguous(), src.contiguous(), dst.contiguous(), weight.contiguous()
