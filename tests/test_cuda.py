@@ -2,7 +2,7 @@
 without kernels (causal-conv1d with Triton or mamba-ssm).
 
 Each kernel path and the pure-PyTorch path of the whole Vim-Ti model agree (fp32 logits and every parameter
-gradient), for every strategy; the captured training step (fp32, bf16, fp16 with loss scaling; one process
+gradient), for every strategy, and give the same gradients twice; the captured training step (fp32, bf16, fp16 with loss scaling; one process
 and over NCCL) trains like the eager step, follows the learning rate the scheduler writes, skips a step whose
 fp16 gradients overflow, and is captured while a loader thread pins memory."""
 import threading
@@ -81,6 +81,23 @@ def test_kernel_path_bf16_autocast_close_to_fp32_reference(backend):
     print(f"{backend} bf16: logits rel err {rel(out_fast, out_ref):.2e}")
     assert rel(out_fast, out_ref) < 5e-2
     assert all(torch.isfinite(g).all() for g in grads_fast.values())
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_default_kernels_give_the_same_gradients_twice(amp_dtype):
+    """The default CUDA path is deterministic: the same fused batch twice gives bitwise-equal logits and
+    parameter gradients (the kernels' reductions are partial sums added in a fixed order, no atomics)."""
+    torch.manual_seed(0)
+    model = timm.create_model(VIM_TI, num_classes=100, drop_path_rate=0.0, **STRATEGIES["upper-L4-r9"]).cuda()
+    x = torch.randn(16, 3, 224, 224, device="cuda")
+    w = torch.randn(16, 100, device="cuda")
+    runs = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        runs.append(_logits_and_grads(model, x, w, amp_dtype))
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    assert [n for n in grads_a if not torch.equal(grads_a[n], grads_b[n])] == []
 
 
 def _train(cuda_graph, steps, lr_at, amp_dtype=None, process_group=None, ddp=False, overflow_at=None, fused=None):
