@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
+from kernels.launch import Launcher, cdiv
 
 CONV_WIDTH = 4
 CONV_CHANNELS, CONV_TOKENS = 32, 32
@@ -122,7 +122,7 @@ def conv_fwd(x, weight, bias):
     _check(x, weight)
     bt, length, e = x.shape
     out = torch.empty(2, bt, length, e, device=x.device, dtype=x.dtype)
-    _conv_fwd[(bt, 2 * e // CONV_CHANNELS, triton.cdiv(length, CONV_TOKENS))](
+    _conv_fwd[(bt, 2 * e // CONV_CHANNELS, cdiv(length, CONV_TOKENS))](
         x, weight.contiguous(), bias.contiguous(), out, length, x.stride(0), x.stride(1), E=e, BD=CONV_CHANNELS,
         BL=CONV_TOKENS)
     return out
@@ -135,7 +135,7 @@ def conv_bwd(x, weight, bias, dout, dx):
     bt, length, e = x.shape
     if dx.shape != x.shape or dx.stride() != x.stride() or dout.shape != (2, bt, length, e) or not dout.is_contiguous():
         raise ValueError("dx must have x's shape and strides, dout be (2, Bt, L, E) contiguous")
-    blocks = triton.cdiv(length, CONV_TOKENS)
+    blocks = cdiv(length, CONV_TOKENS)
     dwb = torch.empty(bt * blocks, 2 * e, CONV_WIDTH + 1, device=x.device, dtype=torch.float32)   # [weights | bias]
     _conv_bwd[(bt, e // CONV_CHANNELS, blocks)](
         x, weight.contiguous(), bias.contiguous(), dout, dx, dwb, length, x.stride(0), x.stride(1), E=e,

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import INTERPRETED, Launcher
+from kernels.launch import INTERPRETED, Launcher, cdiv, next_power_of_2
 
 
 # ----------------------------------------------------------------------------- token matching (token_fusion.fuse)
@@ -122,7 +122,7 @@ def launch_fusion_map(x, r, cls_index, num_warps, channels_per_step, dot_precisi
     _fusion_map[(bt,)](
         x, cls_index.contiguous() if mode == 2 else cls_out, src, dst_out, keep, dest, weight, cls_out,
         t, c, na, nb, r, cls_index if mode == 1 else 0, CLS_MODE=mode,
-        BA=max(16, triton.next_power_of_2(na)), BB=max(16, triton.next_power_of_2(nb)), BC=channels_per_step,
+        BA=max(16, next_power_of_2(na)), BB=max(16, next_power_of_2(nb)), BC=channels_per_step,
         DOT=dot_precision, num_warps=num_warps)
     return src, keep, dst_out, dest, weight, cls_out
 
@@ -187,7 +187,7 @@ GATHER_ROWS, GATHER_WARPS = 4, 2
 
 
 def _row_block(c):
-    block = triton.next_power_of_2(c)
+    block = next_power_of_2(c)
     return dict(BLOCK=block, num_warps=max(1, min(block // 256, 8)))
 
 
@@ -231,8 +231,8 @@ def gather_rows(grads, dest, weight):
     for g, h, two in _pairs(grads):
         out = g.new_empty(bt, t, g.shape[2])
         out_h = h.new_empty(bt, t, h.shape[2]) if two else out
-        _gather_rows[(triton.cdiv(bt * t, GATHER_ROWS),)](
+        _gather_rows[(cdiv(bt * t, GATHER_ROWS),)](
             g, out, h, out_h, dest, weight, bt * t, t, t_out, g.shape[2], h.shape[2], TWO=two, ROWS=GATHER_ROWS,
-            BLOCK=triton.next_power_of_2(max(g.shape[2], h.shape[2])), num_warps=GATHER_WARPS)
+            BLOCK=next_power_of_2(max(g.shape[2], h.shape[2])), num_warps=GATHER_WARPS)
         outs += [out, out_h] if two else [out]
     return outs

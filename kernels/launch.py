@@ -24,6 +24,16 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPE = attrgetter("dtype")
 
 
+def cdiv(a, b):
+    """ceil(a / b) for host code: Triton 3.6's triton.cdiv and next_power_of_2 are constexpr functions, whose
+    every host call unwraps its arguments in Python first."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    return 1 << (n - 1).bit_length()
+
+
 def _direct(compiled):
     """compiled[grid](*args) as ``launch(grid, *args)`` that calls the C launcher of Triton 3.6's CUDA backend with
     what its runner would pass (the current device's stream, no launch metadata, no hooks), or None where that

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import INTERPRETED, Launcher
+from kernels.launch import INTERPRETED, Launcher, cdiv
 
 STATE_CHUNK = 16   # steps between kept states = the backward pass's chunk
 # Steps of a chunk whose states the backward holds in its scratch at a time, by the sequences' element size (module
@@ -361,7 +361,7 @@ def scan_fwd(u, delta, BC, z, A, D, delta_bias):
     """-> (y float32, out_z in u's dtype, states); shapes and math in the module docstring."""
     bt, length, e, n = _check(u, delta, A, BC, z)
     BC = bc_rows(BC)
-    n_states = triton.cdiv(length, STATE_CHUNK) - 1
+    n_states = cdiv(length, STATE_CHUNK) - 1
     y = torch.empty(bt, length, e, device=u.device, dtype=torch.float32)
     out_z = torch.empty(bt, length, e, device=u.device, dtype=u.dtype)
     states = torch.empty(bt, 2, n_states, n, e, device=u.device, dtype=torch.float32)
@@ -378,7 +378,7 @@ def scan_bwd(u, delta, BC, z, A, D, delta_bias, dout_z, y, states, dz):
     ddelta is the gradient of delta_raw."""
     bt, length, e, n = _check(u, delta, A, BC, z)
     BC = bc_rows(BC)
-    n_chunks = triton.cdiv(length, STATE_CHUNK)
+    n_chunks = cdiv(length, STATE_CHUNK)
     if states.shape != (bt, 2, n_chunks - 1, n, e):
         raise ValueError(f"states of shape {tuple(states.shape)} do not match the inputs "
                          f"(expected {(bt, 2, n_chunks - 1, n, e)} from scan_fwd)")
