@@ -164,13 +164,14 @@ def weight_gradients(dout, out_z, ddelta, x_dbl, dx_dbl, u, rank, g):
     skinny (scripts/wgrad_benchmark.py)."""
     b, l, dm = dout.shape
     e, k = u.shape[-1], x_dbl.shape[-1]
-    groups = 2 * b // g   # both directions' groups, direction-major
-    ddelta = ddelta.reshape(groups, g * l, e)
-    return (_batch_sum(torch.matmul(dout.reshape(b // g, g * l, dm).transpose(1, 2), out_z.reshape(b // g, g * l, e))),
-            _batch_sum(torch.bmm(ddelta.transpose(1, 2), x_dbl.view(groups, g * l, k)[..., :rank])
-                       .view(2, b // g, e, rank).transpose(0, 1)),
-            _batch_sum(torch.bmm(dx_dbl.view(groups, g * l, k).transpose(1, 2), u.reshape(groups, g * l, e))
-                       .view(2, b // g, k, e).transpose(0, 1)))
+    p, gl = b // g, g * l   # groups per direction, tokens per group
+    acc = torch.promote_types(dout.dtype, torch.float32)
+    # bmm on explicit 3-d views (matmul would add expand / reshape calls); the direction-major groups of ddelta,
+    # dx_dbl and u summed over their group axis in place of a transpose
+    return (torch.bmm(dout.reshape(p, gl, dm).mT, out_z.reshape(p, gl, e)).sum(0, dtype=acc),
+            torch.bmm(ddelta.reshape(2 * p, gl, e).mT, x_dbl.view(2 * p, gl, k)[..., :rank])
+            .view(2, p, e, rank).sum(1, dtype=acc),
+            torch.bmm(dx_dbl.view(2 * p, gl, k).mT, u.reshape(2 * p, gl, e)).view(2, p, k, e).sum(1, dtype=acc))
 
 
 def _batch_sum(t):
