@@ -22,6 +22,11 @@ from timm.models import register_model
 import ssm_ops
 import token_fusion
 
+try:  # the fused residual add + RMSNorm on CUDA; the torch path needs nothing else
+    from kernels import norm as norm_kernels
+except ImportError:
+    norm_kernels = None
+
 CLS_POSITIONS = ("head", "middle")
 
 
@@ -62,6 +67,49 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class _AddNorm(torch.autograd.Function):
+    """add_norm on kernels/norm.py: one kernel forward, one backward (plus the weight gradient's sum)."""
+
+    @staticmethod
+    def forward(ctx, hidden, residual, weight, scale, eps, out_dtype):
+        normed, residual_out, rstd = norm_kernels.add_norm_fwd(hidden, residual, weight, scale, eps, out_dtype)
+        ctx.save_for_backward(residual_out, rstd, weight, scale)
+        ctx.set_materialize_grads(False)   # the final norm's residual' has no gradient: no zeros for it
+        ctx.has_residual, ctx.hidden_dtype = residual is not None, hidden.dtype
+        return normed, residual_out
+
+    @staticmethod
+    def backward(ctx, dnormed, dresidual):
+        residual_out, rstd, weight, scale = ctx.saved_tensors
+        dhidden, dresidual, dweight = norm_kernels.add_norm_bwd(dnormed, dresidual, residual_out, rstd, weight, scale,
+                                                                ctx.has_residual, ctx.hidden_dtype)
+        return dhidden, dresidual, dweight, None, None, None
+
+
+def _drop_scale(drop_path, x):
+    """timm's DropPath on x (B, ...) as the per-sample factor it multiplies by ((B,) float32), None where it is the
+    identity (no drop path, eval mode)."""
+    if not isinstance(drop_path, DropPath) or not drop_path.training or drop_path.drop_prob == 0:
+        return None
+    keep = 1 - drop_path.drop_prob
+    scale = torch.empty(x.shape[0], device=x.device, dtype=torch.float32).bernoulli_(keep)
+    return scale.div_(keep) if drop_path.scale_by_keep and keep > 0 else scale
+
+
+def _use_norm_kernels(x):
+    """Whether add_norm runs on kernels/norm.py (float32/16 streams on CUDA with Triton installed)."""
+    return norm_kernels is not None and x.is_cuda and x.dtype != torch.float64
+
+
+def add_norm(norm, drop_path, hidden, residual, out_dtype):
+    """residual' = residual + drop_path(hidden) (hidden itself when residual is None) and RMSNorm(residual') in
+    ``out_dtype`` -> (normed, residual'). One kernel each way on CUDA (kernels/norm.py), torch ops elsewhere."""
+    if _use_norm_kernels(hidden):
+        return _AddNorm.apply(hidden, residual, norm.weight, _drop_scale(drop_path, hidden), norm.eps, out_dtype)
+    residual = hidden if residual is None else residual + drop_path(hidden)
+    return norm(residual).to(out_dtype), residual
 
 
 class BiMamba(nn.Module):
@@ -181,10 +229,9 @@ class Block(nn.Module):
         self.fusion_r, self.fusion_order, self.fusion_mode = fusion_r, fusion_order, fusion_mode
 
     def forward(self, hidden, residual, cls_index, size, source=None, mixer_params=None):
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
         # as Vim (residual_in_fp32): the residual stream stays float32, the normalised stream takes the mixer
         # output's dtype (bfloat16 / float16 under autocast), which is what the fusion then moves around
-        hidden = self.norm(residual).to(hidden.dtype)
+        hidden, residual = add_norm(self.norm, self.drop_path, hidden, residual, hidden.dtype)
         if self.fusion_r:
             hidden, residual, cls_index, size, source = token_fusion.fuse(
                 hidden, residual, self.fusion_r, cls_index, size, self.fusion_order, self.fusion_mode, source)
@@ -280,7 +327,7 @@ class VisionMamba(nn.Module):
             hidden, residual, cls_index, size, source = layer(hidden, residual, cls_index, size, source, params)
             if sources is not None:
                 sources.append(source)
-        hidden = self.norm_f(residual + self.drop_path(hidden))
+        hidden, _ = add_norm(self.norm_f, self.drop_path, hidden, residual, residual.dtype)
         if isinstance(cls_index, int):
             return hidden[:, cls_index]
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), cls_index]
