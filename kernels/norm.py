@@ -79,6 +79,7 @@ _sm_count = {}
 
 
 def _programs(device, rows):
+    """Backward programs for ``rows`` rows: PROGRAMS_PER_SM per SM (4 in Triton's interpreter), at most one per step."""
     if device.type != "cuda":
         return 4
     if device not in _sm_count:
@@ -113,7 +114,8 @@ def add_norm_fwd(hidden, residual, weight, scale, eps, out_dtype):
 
 def add_norm_bwd(dout, dres, res, rstd, weight, scale, has_residual, hidden_dtype):
     """Gradients of add_norm_fwd for its outputs' gradients dout (normed's) and dres (residual''s, or None):
-    -> (hidden's in ``hidden_dtype``, residual's in res's dtype or None without a residual, weight's float32)."""
+    -> (hidden's in ``hidden_dtype``, residual's in res's dtype or None without a residual, weight's, summed in
+    float32)."""
     dout = dout.contiguous()
     b, t, c = dout.shape
     n = b * t
