@@ -12,5 +12,6 @@ if [ -n "${WHEEL_DIR:-}" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, ssm_ops; print('torch', torch.__version__, '| kernels:', ssm_ops.KERNEL_BACKENDS)"
-python3 -m pytest -q -s tests/test_kernels_scan.py tests/test_kernels_fusion.py tests/test_kernels_launch.py tests/test_ssm_ops.py tests/test_cuda.py
+python3 -m pytest -q -s tests/test_kernels_scan.py tests/test_kernels_fusion.py tests/test_kernels_norm.py tests/test_kernels_launch.py \
+  tests/test_ssm_ops.py tests/test_cuda.py
 python3 benchmark.py "$@"
