@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import INTERPRETED, Launcher, cdiv, next_power_of_2
+from kernels.launch import INTERPRETED, Launcher, cdiv, next_power_of_2, row_block
 
 
 # ----------------------------------------------------------------------------- token matching (token_fusion.fuse)
@@ -186,11 +186,6 @@ _gather_rows = Launcher(_gather_rows_kernel)
 GATHER_ROWS, GATHER_WARPS = 4, 2
 
 
-def _row_block(c):
-    block = next_power_of_2(c)
-    return dict(BLOCK=block, num_warps=max(1, min(block // 256, 8)))
-
-
 def _pairs(streams):
     """Streams (each (B, T, C_k), one B and T) two at a time, the odd one out with itself: what one launch takes."""
     streams = [t.contiguous() for t in streams]
@@ -215,7 +210,7 @@ def merge_rows(streams, keep, src, dst, weight, counts=False):
         out = x.new_empty(bt, t_out, x.shape[2])
         out_y = y.new_empty(bt, t_out, y.shape[2]) if two else out
         _merge_rows[(bt * t_out,)](x, out, y, out_y, keep, src, dst, weight, t, t_out, r, x.shape[2], y.shape[2],
-                                   TWO=two, COUNTS=counts, **_row_block(max(x.shape[2], y.shape[2])))
+                                   TWO=two, COUNTS=counts, **row_block(max(x.shape[2], y.shape[2]), 256))
         outs += [out, out_y] if two else [out]
     return outs
 

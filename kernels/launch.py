@@ -34,6 +34,13 @@ def next_power_of_2(n):
     return 1 << (n - 1).bit_length()
 
 
+def row_block(c, channels_per_warp):
+    """Launch settings of a kernel that takes rows of c channels: BLOCK, the power of two holding a row, and one warp
+    per ``channels_per_warp`` of it (1 to 8)."""
+    block = next_power_of_2(c)
+    return dict(BLOCK=block, num_warps=max(1, min(block // channels_per_warp, 8)))
+
+
 def _direct(compiled):
     """compiled[grid](*args) as ``launch(grid, *args)`` that calls the C launcher of Triton 3.6's CUDA backend with
     what its runner would pass (the current device's stream, no launch metadata, no hooks), or None where that

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import INTERPRETED, Launcher, cdiv, next_power_of_2
+from kernels.launch import Launcher, cdiv, row_block
 
 
 @triton.jit
@@ -87,11 +87,6 @@ def _programs(device, rows):
     return min(PROGRAMS_PER_SM * _sm_count[device], cdiv(rows, BWD_ROWS))
 
 
-def _launch(c, channels_per_warp):
-    block = next_power_of_2(c)
-    return dict(BLOCK=block, num_warps=1 if INTERPRETED else max(1, min(block // channels_per_warp, 8)))
-
-
 def add_norm_fwd(hidden, residual, weight, scale, eps, out_dtype):
     """hidden (B, T, C), residual (B, T, C) or None, weight (C,), scale (B,) float32 or None -> (normed in
     ``out_dtype``, residual' in the dtype hidden + residual promote to, rstd (B*T,) float32)."""
@@ -108,7 +103,7 @@ def add_norm_fwd(hidden, residual, weight, scale, eps, out_dtype):
     _add_norm_fwd[(cdiv(b * t, FWD_ROWS),)](
         hidden, hidden if residual is None else residual, hidden if scale is None else scale, weight, res, out,
         rstd, b * t, t, c, eps, HAS_RES=residual is not None, HAS_SCALE=scale is not None, ROWS=FWD_ROWS,
-        **_launch(c, 128))
+        **row_block(c, 128))
     return out, res, rstd
 
 
@@ -129,5 +124,5 @@ def add_norm_bwd(dout, dres, res, rstd, weight, scale, has_residual, hidden_dtyp
     _add_norm_bwd[(programs,)](
         dout, dout if dres is None else dres, res, rstd, weight, dout if scale is None else scale,
         dh if dr is None else dr, dh, dw, n, t, c, per_program, HAS_DRES=dres is not None, HAS_RES=has_residual,
-        HAS_SCALE=scale is not None, ROWS=BWD_ROWS, **_launch(c, 256))
+        HAS_SCALE=scale is not None, ROWS=BWD_ROWS, **row_block(c, 256))
     return dh, dr, dw.sum(0).to(weight.dtype)
