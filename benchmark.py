@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
+from torch.autograd import DeviceType
 
 import models_mamba  # noqa: F401  (registers the Vim models)
 import ssm_ops
-from engine import build_train_step
+from engine import CAPTURED_UPDATE_OPTS, build_train_step
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("default", "tf32")  # tf32: TF32 matmuls and convolutions (opt-in in main.py), fp32 weights kept
@@ -91,6 +92,9 @@ def get_args_parser():
                    help="mixer kernels to compare (main.py --ssm-backend)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (a graph is captured after 3)")
+    p.add_argument("--opt", default="adamw",
+                   help="optimizer (timm's names, as main.py --opt); the captured step captures the update of "
+                        f"{', '.join(CAPTURED_UPDATE_OPTS)} and runs any other's eagerly after the replay")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
@@ -127,8 +131,8 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
                               **fusion, **overrides).to(device).train()
     graph = mode in ("graph", "ddp")
     amp_dtype = PRECISIONS[precision]
-    opt_kwargs = {"fused": True, "capturable": graph} if cuda else {}  # as main.py
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=5e-4, weight_decay=0.1, **opt_kwargs)
+    opt_kwargs = {"fused": True, "capturable": graph} if cuda and args.opt.lower() in CAPTURED_UPDATE_OPTS else {}
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=5e-4, weight_decay=0.1, **opt_kwargs)  # as main.py
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     ddp_model = mode == "ddp-eager"
     if ddp_model:
@@ -167,7 +171,7 @@ def measure(args, model_name, backend, fusion, precision, batch_size, mode, vari
     result = {
         "model": model_name, "ssm_backend": kernels,
         "strategy": strategy_label(fusion), **fusion, "precision": precision,
-        "batch_size": batch_size, "mode": mode, "variant": variant, "world_size": world,
+        "batch_size": batch_size, "mode": mode, "variant": variant, "world_size": world, "optimizer": args.opt,
         "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
         "images_per_s": world * batch_size / statistics.median(times) * 1e3, "peak_mib": peak,
         "ideal": model.fusion_summary()["token_layer_fraction"], "final_loss": float(loss), "gpu_kernel_ms": gpu_ms,
@@ -189,9 +193,17 @@ def profile(step, samples, targets, steps=5):
             step(samples, targets)
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    total = sum(e.self_device_time_total for e in averages) / 1e3 / steps  # every kernel counted once
     print(averages.table(sort_by="device_time_total", row_limit=25, max_name_column_width=60))
-    kernels = sorted((e for e in averages if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    return kernel_times(averages, steps)
+
+
+def kernel_times(averages, steps):
+    """(GPU time per step in ms, {name: [ms, calls] per step}, most expensive first) of the device's own events
+    (kernels, copies, memsets) among a profile's key_averages. The host ops that launched them carry the same time
+    as their self device time (eager steps): counting those too would count every kernel twice."""
+    kernels = sorted((e for e in averages if e.device_type != DeviceType.CPU and e.self_device_time_total > 0),
+                     key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
     return total, {e.key: [e.self_device_time_total / 1e3 / steps, e.count / steps] for e in kernels}
 
 

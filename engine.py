@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+CAPTURED_UPDATE_OPTS = ('adamw', 'adam')  # torch's fused AdamW/Adam take device learning rates and loss-scaling flags
+
 
 def _forward_backward(model, criterion, samples, targets, amp_dtype, loss_scaler, autocast_cache=True):
     """Forward under autocast, loss, backward (of the scaled loss with fp16 loss scaling). Returns the unscaled
@@ -59,9 +61,9 @@ class EagerTrainStep:
 
 
 class CapturedTrainStep:
-    """The training step as two CUDA graphs, replayed: forward + loss + backward, then gradient averaging,
-    clipping, the optimizer step and (fp16) the loss scaler's skip-and-update. One replay launches what takes
-    thousands of launches eagerly, which is what turns fused tokens into saved time.
+    """The training step as CUDA graphs, replayed: forward + loss + backward, then gradient averaging, clipping,
+    the optimizer step and (fp16) the loss scaler's skip-and-update. One replay launches what takes thousands of
+    launches eagerly, which is what turns fused tokens into saved time.
 
     Gradients live in one flat buffer (each ``p.grad`` a view of it) that the first graph zeroes and backward
     writes. With a process group, one all-reduce of that buffer runs between the two replays: the
@@ -71,24 +73,27 @@ class CapturedTrainStep:
     Token fusion keeps every shape static (the per-layer token counts are fixed), so one capture serves the
     whole run. The first ``warmup`` calls run eagerly on the stream the capture uses (allocator, cuBLAS and
     Triton set-up happen outside the capture); their time is ``setup_s``. Inputs are copied into static
-    buffers (the loader must drop the last, smaller batch). The optimizer must be a fused one that takes device
-    learning rates (AdamW/Adam with fused=True, capturable=True): the fused step reads fp16 loss scaling's inf
-    flag on the device, and unlike the capturable foreach step it does not divide by the learning rate (which
-    turns lr = 0 into NaN wherever a gradient has always been zero, as the last layer's forward-direction A_log
-    with a head class token). The floats that the scheduler writes into ``optimizer.param_groups`` are copied
-    into those device tensors before each replay. ``capture=False`` runs the same parts eagerly
-    (tests of the all-reduce path on the CPU).
+    buffers (the loader must drop the last, smaller batch).
+
+    The update is captured as the second graph when the optimizer is a fused one that takes device learning
+    rates (AdamW/Adam with fused=True, capturable=True: ``CAPTURED_UPDATE_OPTS``): the fused step reads fp16 loss
+    scaling's inf flag on the device, and unlike the capturable foreach step it does not divide by the learning
+    rate (which turns lr = 0 into NaN wherever a gradient has always been zero, as the last layer's
+    forward-direction A_log with a head class token). The floats that the scheduler writes into
+    ``optimizer.param_groups`` are copied into those device tensors before each replay. Any other optimizer
+    takes its update (and the clipping and loss scaling around it) eagerly after the first graph's replay, as the
+    eager step would: its few launches are enqueued while the GPU still runs the graph. ``capture=False`` runs
+    the same parts eagerly (tests of the all-reduce path on the CPU).
     """
 
     def __init__(self, model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad, process_group=None,
                  warmup=3, capture=True):
         if isinstance(model, DistributedDataParallel):
             raise ValueError("the captured step averages gradients itself: pass the model without DDP")
-        if capture and not all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups):
-            raise ValueError("a captured training step needs an optimizer created with capturable=True and fused=True")
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.amp_dtype, self.loss_scaler, self.clip_grad = amp_dtype, loss_scaler, clip_grad
         self.group, self.warmup, self.capture = process_group, warmup, capture
+        self.capture_update = capture and all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if len({(p.dtype, p.device) for p in self.params}) != 1:
             raise ValueError("the captured step keeps all gradients in one buffer: parameters of one dtype and device")
@@ -153,32 +158,38 @@ class CapturedTrainStep:
         return loss
 
     def _replay(self):
-        for group, lr in zip(self.optimizer.param_groups, self.lr_tensors):
-            lr.fill_(group["lr"])
         forward_backward, update = self.graphs
+        if update is not None:
+            for group, lr in zip(self.optimizer.param_groups, self.lr_tensors):
+                lr.fill_(group["lr"])
         forward_backward.replay()
         self._all_reduce()
-        update.replay()
+        if update is None:
+            self._update()
+        else:
+            update.replay()
         return self.loss
 
     def _capture(self):
-        groups = self.optimizer.param_groups
-        self.lr_tensors = [torch.tensor(float(g["lr"]), device=self.flat_grad.device) for g in groups]
-        floats = [g["lr"] for g in groups]
-        for group, lr in zip(groups, self.lr_tensors):
-            group["lr"] = lr
-        forward_backward, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        forward_backward, update = torch.cuda.CUDAGraph(), None
         # thread_local: the data loader's pin-memory thread keeps allocating pinned host memory, which a
         # global-mode capture counts as an unsafe call from any thread and aborts on
         with torch.cuda.graph(forward_backward, stream=self.stream, capture_error_mode="thread_local"):
             self.loss = self._forward_backward()
-        with torch.cuda.graph(update, pool=forward_backward.pool(), stream=self.stream,
-                              capture_error_mode="thread_local"):
-            self._update()
+        if self.capture_update:
+            groups = self.optimizer.param_groups
+            self.lr_tensors = [torch.tensor(float(g["lr"]), device=self.flat_grad.device) for g in groups]
+            floats = [g["lr"] for g in groups]
+            for group, lr in zip(groups, self.lr_tensors):
+                group["lr"] = lr
+            update = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(update, pool=forward_backward.pool(), stream=self.stream,
+                                  capture_error_mode="thread_local"):
+                self._update()
+            for group, lr in zip(groups, floats):
+                group["lr"] = lr
         self.graphs = forward_backward, update
         self.capture_peak_bytes = torch.cuda.max_memory_allocated()  # the graphs' pool, as main.py logs it
-        for group, lr in zip(groups, floats):
-            group["lr"] = lr
 
 
 def build_train_step(model, criterion, optimizer, *, amp_dtype, loss_scaler, clip_grad, cuda_graph,

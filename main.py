@@ -29,7 +29,6 @@ import utils
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
 FUSION_STRATEGIES = ('no', 'none', 'all', 'interleaved', 'alternate', 'lower', 'upper')
-CAPTURABLE_OPTS = ('adamw', 'adam')  # torch's fused AdamW/Adam take device learning rates and loss-scaling flags
 
 
 class UsageError(Exception):
@@ -162,7 +161,8 @@ def get_args_parser():
     parser.add_argument('--if_continue_inf', action='store_true', default=False,
                         help='keep training when the loss is NaN/inf instead of stopping')
     parser.add_argument('--cuda-graph', action=argparse.BooleanOptionalAction, default=None,
-                        help='train with the step captured in CUDA graphs (default on CUDA with AdamW/Adam; '
+                        help='train with the step captured in CUDA graphs (default on CUDA; the update is '
+                             'captured with AdamW/Adam and runs eagerly after the replay with other optimizers; '
                              '--no-cuda-graph: the eager step, op by op)')
     parser.add_argument('--tf32', action='store_true', help='allow TF32 matmuls/convolutions on CUDA')
     return parser
@@ -173,12 +173,8 @@ def check_args(args):
     if args.batch_size < 1 or args.print_freq < 1:
         raise UsageError(f'--batch-size and --print-freq must be >= 1, got {args.batch_size} and {args.print_freq}')
     use_cuda = args.device.startswith('cuda')
-    if args.cuda_graph:
-        if args.opt.lower() not in CAPTURABLE_OPTS:
-            raise UsageError(f'--cuda-graph needs an optimizer that takes its learning rate on the device '
-                             f'({", ".join(CAPTURABLE_OPTS)}), got --opt {args.opt}; use --no-cuda-graph')
-        if not use_cuda:
-            raise UsageError('--cuda-graph needs --device cuda')
+    if args.cuda_graph and not use_cuda:
+        raise UsageError('--cuda-graph needs --device cuda')
     if use_cuda and not torch.cuda.is_available():
         raise UsageError(f'--device {args.device} was asked for but CUDA is not available; use --device cpu')
     if args.eval and not args.resume:
@@ -197,12 +193,13 @@ def check_args(args):
 
 
 def resolve_cuda_graph(args):
-    """--cuda-graph unset: the captured step wherever it can run, with a notice where it cannot."""
+    """--cuda-graph unset: the captured step on CUDA. Where the optimizer's update cannot be captured, a notice
+    says that it runs eagerly after the captured forward and backward."""
     if args.cuda_graph is None:
-        args.cuda_graph = args.device.startswith('cuda') and args.opt.lower() in CAPTURABLE_OPTS
-        if args.device.startswith('cuda') and not args.cuda_graph:
-            print(f'Note: training with the eager step: --opt {args.opt} cannot be captured in a CUDA graph '
-                  f'(its learning rate is not a device tensor); {", ".join(CAPTURABLE_OPTS)} can')
+        args.cuda_graph = args.device.startswith('cuda')
+    if args.cuda_graph and args.opt.lower() not in engine.CAPTURED_UPDATE_OPTS:
+        print(f'Note: --opt {args.opt}: forward and backward run as a CUDA graph and the update eagerly after it '
+              f'(a captured update needs learning rates on the device: {", ".join(engine.CAPTURED_UPDATE_OPTS)})')
 
 
 def amp_settings(args, device):
@@ -665,7 +662,7 @@ def main(args):
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
     opt_kwargs = optimizer_kwargs(cfg=args)
-    if device.type == 'cuda' and args.opt.lower() in CAPTURABLE_OPTS:
+    if device.type == 'cuda' and args.opt.lower() in engine.CAPTURED_UPDATE_OPTS:
         # torch's fused AdamW/Adam: the captured step needs it (engine.CapturedTrainStep says why), and the
         # eager step then takes the same update (one kernel, no host sync for fp16 loss scaling)
         opt_kwargs['fused'] = True

@@ -62,3 +62,20 @@ def test_parse_strategy(text, expected):
 def test_parse_strategy_rejects(text):
     with pytest.raises(Exception, match="expected"):
         benchmark.parse_strategy(text)
+
+
+def test_kernel_times_count_each_kernel_once():
+    """An eager step's profile lists each kernel twice: as the device's event and as the self device time of the
+    host op that launched it. Only the device's events count (times in us over 2 steps)."""
+    from types import SimpleNamespace as Event
+
+    from torch.autograd import DeviceType
+    events = [Event(key="aten::bmm", device_type=DeviceType.CPU, self_device_time_total=300.0, count=8),
+              Event(key="gemm_kernel", device_type=DeviceType.CUDA, self_device_time_total=300.0, count=8),
+              Event(key="Memset (Device)", device_type=DeviceType.CUDA, self_device_time_total=100.0, count=2),
+              Event(key="aten::view", device_type=DeviceType.CPU, self_device_time_total=0.0, count=4),
+              Event(key="idle_kernel", device_type=DeviceType.CUDA, self_device_time_total=0.0, count=2)]
+    total, kernels = benchmark.kernel_times(events, steps=2)
+    assert total == pytest.approx(0.2)   # (300 + 100) us / 2 steps
+    assert kernels == {"gemm_kernel": [0.15, 4.0], "Memset (Device)": [0.05, 1.0]}
+    assert list(kernels) == ["gemm_kernel", "Memset (Device)"]   # most expensive first

@@ -102,16 +102,21 @@ def test_default_kernels_give_the_same_gradients_twice(amp_dtype):
     assert [n for n in grads_a if not torch.equal(grads_a[n], grads_b[n])] == []
 
 
-def _train(cuda_graph, steps, lr_at, amp_dtype=None, process_group=None, ddp=False, overflow_at=None, fused=None):
+def _train(cuda_graph, steps, lr_at, amp_dtype=None, process_group=None, ddp=False, overflow_at=None, fused=None,
+           opt="adamw"):
     """Parameters after each step of a small fused Vim; fp16 gets a loss scaler, whose scale is set so high
     before step ``overflow_at`` that the gradients overflow (that step must be skipped, and the scale goes back
-    to the initial 2^16). ``fused``: the AdamW kernel (default: main.py's, fused for the captured step)."""
+    to the initial 2^16). ``fused``: the AdamW kernel (default: main.py's, fused for the captured step); ``opt``
+    "sgd": SGD with momentum, whose update the captured step runs eagerly after the replay."""
     torch.manual_seed(0)
     model = timm.create_model(VIM_TI, num_classes=10, drop_path_rate=0.0, depth=6,
                               fusion_strategy="upper", fusion_layer=1, fusion_token=9).cuda()
     fp16 = amp_dtype == torch.float16
-    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, capturable=cuda_graph,
-                              fused=cuda_graph if fused is None else fused)
+    if opt == "adamw":
+        opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, capturable=cuda_graph,
+                                  fused=cuda_graph if fused is None else fused)
+    else:
+        opt = create_optimizer_v2(model, opt=opt, lr=1e-3, weight_decay=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", backoff_factor=2.0 ** -24) if fp16 else None
     step = build_train_step(torch.nn.parallel.DistributedDataParallel(model) if ddp else model,
                             torch.nn.CrossEntropyLoss(), opt, amp_dtype=amp_dtype, loss_scaler=scaler,
@@ -154,6 +159,24 @@ def test_captured_step_trains_like_eager_and_follows_lr(amp_dtype):
         assert graph_scales == eager_scales and graph_scales[8] == 2.0 ** 16  # backed off once, from 2^40
         assert torch.equal(graph_params[8], graph_params[7])  # the overflowing step is skipped
         assert not torch.equal(graph_params[9], graph_params[8])
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.float16], ids=["fp32", "fp16"])
+def test_captured_forward_backward_with_an_eager_sgd_update_trains_like_eager(amp_dtype):
+    """An optimizer without device learning rates: forward and backward replayed, the update (clipping, SGD,
+    fp16 loss scaling's skip-and-update) run eagerly after it, as the eager step runs them."""
+    overflow = 8 if amp_dtype == torch.float16 else None
+    eager_losses, eager_params, eager_scales = _train(False, 10, _lr, amp_dtype, overflow_at=overflow, opt="sgd")
+    graph_losses, graph_params, graph_scales = _train(True, 10, _lr, amp_dtype, overflow_at=overflow, opt="sgd")
+    assert len(set(graph_losses)) > 4
+    for a, b in zip(eager_losses, graph_losses):
+        assert abs(a - b) < (1e-3 if amp_dtype is None else 2e-2) * max(1.0, abs(a))
+    assert rel(graph_params[5], eager_params[5]) < 1e-3 and rel(graph_params[9], eager_params[9]) < 1e-3
+    assert torch.equal(graph_params[7], graph_params[5])  # lr 0 from the "scheduler" moves nothing
+    assert not torch.equal(graph_params[5], graph_params[4])
+    if amp_dtype == torch.float16:
+        assert graph_scales == eager_scales and graph_scales[8] == 2.0 ** 16
+        assert torch.equal(graph_params[8], graph_params[7])
 
 
 def test_captured_step_over_nccl_equals_eager_ddp():

@@ -150,11 +150,24 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         main.main(parser.parse_args(base + ['--fusion-strategy', 'upper', '--fusion-layer', '7']))
     with pytest.raises(main.UsageError, match='--cuda-graph needs --device cuda'):
         main.main(parser.parse_args(base + ['--cuda-graph', '--no_amp']))
-    with pytest.raises(main.UsageError, match='--cuda-graph needs an optimizer .*got --opt sgd'):
-        main.main(parser.parse_args(base + ['--cuda-graph', '--opt', 'sgd']))
     with pytest.raises(main.UsageError, match='--eval needs --resume'):
         main.main(parser.parse_args(base + ['--eval']))
     assert not os.listdir(tmp_path)
+
+
+def test_cuda_graph_default_captures_every_optimizer_and_says_where_the_update_is_eager(capsys):
+    import main
+    parser = main.get_args_parser()
+    for opt, eager_update in (('adamw', False), ('sgd', True), ('lamb', True)):
+        args = parser.parse_args(['--device', 'cuda', '--opt', opt])
+        main.resolve_cuda_graph(args)
+        assert args.cuda_graph is True
+        notice = capsys.readouterr().out
+        assert (f'--opt {opt}: forward and backward run as a CUDA graph and the update eagerly' in notice) == eager_update
+    for argv, expected in ((['--device', 'cpu'], False), (['--device', 'cuda', '--no-cuda-graph'], False)):
+        args = parser.parse_args(argv + ['--opt', 'sgd'])
+        main.resolve_cuda_graph(args)
+        assert args.cuda_graph is expected and capsys.readouterr().out == ''
 
 
 def test_finetune_from_a_vim_checkpoint_with_a_middle_class_token(data, tmp_path):
