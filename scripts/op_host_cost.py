@@ -50,7 +50,8 @@ for dt in (torch.bfloat16, torch.float32):
         rows.append((name, lib, "bmm x_proj (2,BL,E)x(2,E,k)", host_us(lambda: torch.bmm(u, xw.transpose(1, 2)))))
         rows.append((name, lib, "linear in_proj", host_us(lambda: F.linear(h, w_in))))
         rows.append((name, lib, "bmm wgrad (B,DM,L)x(B,L,E)", host_us(lambda: torch.bmm(dout.mT, out_z))))
-        rows.append((name, lib, "mm wgrad one GEMM K=BL", host_us(lambda: dout.reshape(-1, DM).t() @ out_z.reshape(-1, E))))
+        rows.append((name, lib, "mm wgrad one GEMM K=BL",
+                     host_us(lambda: dout.reshape(-1, DM).t() @ out_z.reshape(-1, E))))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             rows.append((name, lib, "linear in_proj under autocast", host_us(lambda: F.linear(h, w_in))))
     torch.backends.cuda.preferred_blas_library("cublas")

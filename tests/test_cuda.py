@@ -103,20 +103,20 @@ def test_default_kernels_give_the_same_gradients_twice(amp_dtype):
 
 
 def _train(cuda_graph, steps, lr_at, amp_dtype=None, process_group=None, ddp=False, overflow_at=None, fused=None,
-           opt="adamw"):
+           opt_name="adamw"):
     """Parameters after each step of a small fused Vim; fp16 gets a loss scaler, whose scale is set so high
     before step ``overflow_at`` that the gradients overflow (that step must be skipped, and the scale goes back
-    to the initial 2^16). ``fused``: the AdamW kernel (default: main.py's, fused for the captured step); ``opt``
+    to the initial 2^16). ``fused``: the AdamW kernel (default: main.py's, fused for the captured step); ``opt_name``
     "sgd": SGD with momentum, whose update the captured step runs eagerly after the replay."""
     torch.manual_seed(0)
     model = timm.create_model(VIM_TI, num_classes=10, drop_path_rate=0.0, depth=6,
                               fusion_strategy="upper", fusion_layer=1, fusion_token=9).cuda()
     fp16 = amp_dtype == torch.float16
-    if opt == "adamw":
+    if opt_name == "adamw":
         opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, capturable=cuda_graph,
                                   fused=cuda_graph if fused is None else fused)
     else:
-        opt = create_optimizer_v2(model, opt=opt, lr=1e-3, weight_decay=0.05, momentum=0.9)
+        opt = create_optimizer_v2(model, opt=opt_name, lr=1e-3, weight_decay=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", backoff_factor=2.0 ** -24) if fp16 else None
     step = build_train_step(torch.nn.parallel.DistributedDataParallel(model) if ddp else model,
                             torch.nn.CrossEntropyLoss(), opt, amp_dtype=amp_dtype, loss_scaler=scaler,
@@ -166,8 +166,8 @@ def test_captured_forward_backward_with_an_eager_sgd_update_trains_like_eager(am
     """An optimizer without device learning rates: forward and backward replayed, the update (clipping, SGD,
     fp16 loss scaling's skip-and-update) run eagerly after it, as the eager step runs them."""
     overflow = 8 if amp_dtype == torch.float16 else None
-    eager_losses, eager_params, eager_scales = _train(False, 10, _lr, amp_dtype, overflow_at=overflow, opt="sgd")
-    graph_losses, graph_params, graph_scales = _train(True, 10, _lr, amp_dtype, overflow_at=overflow, opt="sgd")
+    eager_losses, eager_params, eager_scales = _train(False, 10, _lr, amp_dtype, overflow_at=overflow, opt_name="sgd")
+    graph_losses, graph_params, graph_scales = _train(True, 10, _lr, amp_dtype, overflow_at=overflow, opt_name="sgd")
     assert len(set(graph_losses)) > 4
     for a, b in zip(eager_losses, graph_losses):
         assert abs(a - b) < (1e-3 if amp_dtype is None else 2e-2) * max(1.0, abs(a))
