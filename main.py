@@ -151,6 +151,9 @@ def get_args_parser():
     parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     parser.add_argument('--local-rank', '--local_rank', default=0, type=int, dest='local_rank')
+    parser.add_argument('--dist-backend', default=None, choices=['nccl', 'gloo'],
+                        help='process-group backend (default: nccl on CUDA, gloo on the CPU); with gloo on CUDA, '
+                             'processes beyond the GPU count share GPUs')
 
     # Precision and speed
     parser.add_argument('--if_amp', action='store_true', help='automatic mixed precision (default)')
@@ -177,6 +180,14 @@ def check_args(args):
         raise UsageError('--cuda-graph needs --device cuda')
     if use_cuda and not torch.cuda.is_available():
         raise UsageError(f'--device {args.device} was asked for but CUDA is not available; use --device cpu')
+    if args.dist_backend == 'nccl' and not use_cuda:
+        raise UsageError(f'--dist-backend nccl needs --device cuda; with --device {args.device} use gloo')
+    local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
+    launched = 'WORLD_SIZE' in os.environ
+    if use_cuda and launched and args.dist_backend != 'gloo' and local_rank >= torch.cuda.device_count():
+        raise UsageError(f'local rank {local_rank}, but {torch.cuda.device_count()} GPU(s) are visible: NCCL takes '
+                         'one GPU per process; launch fewer processes per node, or share GPUs with '
+                         '--dist-backend gloo')
     if args.eval and not args.resume:
         raise UsageError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None

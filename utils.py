@@ -48,7 +48,8 @@ def setup_for_distributed(is_master):
 def init_distributed_mode(args):
     """Join the process group described by the launcher's environment (torchrun / launch --use_env).
 
-    Sets args.distributed, args.rank, args.world_size, args.gpu. NCCL on CUDA, gloo on CPU.
+    Sets args.distributed, args.rank, args.world_size, args.gpu and args.dist_backend (unset: NCCL on CUDA, gloo on
+    the CPU).
     """
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
         args.rank = int(os.environ['RANK'])
@@ -64,9 +65,11 @@ def init_distributed_mode(args):
         return
     args.distributed = True
     use_cuda = args.device.startswith('cuda')
+    args.dist_backend = getattr(args, 'dist_backend', None) or ('nccl' if use_cuda else 'gloo')
     if use_cuda:
+        if args.dist_backend == 'gloo':  # gloo lets processes share a GPU: local ranks wrap around the GPUs
+            args.gpu %= torch.cuda.device_count()
         torch.cuda.set_device(args.gpu)
-    args.dist_backend = 'nccl' if use_cuda else 'gloo'
     print(f'| distributed init (rank {args.rank}, world {args.world_size}, backend {args.dist_backend}): '
           f'{args.dist_url}', flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,

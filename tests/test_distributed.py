@@ -1,5 +1,8 @@
 """Two CPU processes over gloo, started the two ways the README shows."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ import torch
 import datasets
 import engine
 import main
-from pipeline_helpers import QUIET, TINY_MODEL, free_port, read_log, read_summary, run, write_cifar100
+from pipeline_helpers import QUIET, REPO, TINY_MODEL, free_port, read_log, read_summary, run, write_cifar100
 from samplers import DistributedEvalSampler
 
 BATCH = 16
@@ -78,3 +81,28 @@ def test_torchrun_two_processes(data, tmp_path):
     assert entry['test_images'] == 25  # without --dist-eval every process evaluates the whole set
     assert entry['train_images_per_s'] == pytest.approx(64 / entry['epoch_time_s'], rel=1e-9)
     assert sorted(os.listdir(tmp_path)) == ['best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'summary.json']
+
+
+def test_ddp_check_script_resumes_a_killed_two_process_run_to_the_same_parameters(data, tmp_path):
+    """scripts/ddp_check.py on two gloo processes: the run, the run killed after its first checkpoint and launched
+    again, and a one-process evaluation. The script's verdicts are checked against the files themselves."""
+    flags = [str(a) for a in TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', data, '--batch-size', BATCH,
+                                                   '--epochs', 2, '--fusion-strategy', 'interleaved', '--fusion-token', 3]]
+    env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, 'scripts/ddp_check.py', '--nproc', '2', '--output-root', str(tmp_path),
+                           '--eval-tolerance', '25', '--'] + flags, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / 'ddp_check.json').read_text())
+    assert report['ok'] and all(c['ok'] for c in report['checks'].values())
+    run_dir, resumed_dir = tmp_path / 'run', tmp_path / 'resumed'
+    # the killed launch got as far as its first checkpoint, and the second launch resumed from it, flags unchanged
+    assert [(r['epoch'], r['changed']) for r in read_summary(resumed_dir)['resumes']] == [(1, {})]
+    saved = [torch.load(d / 'checkpoint.pth', map_location='cpu', weights_only=False)['model']
+             for d in (run_dir, resumed_dir)]
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    assert [e['train_loss'] for e in read_log(run_dir)] == [e['train_loss'] for e in read_log(resumed_dir)]
+    assert read_summary(run_dir)['param_checksums'][1] == read_summary(run_dir)['param_checksums'][0]
+    single = json.loads((tmp_path / 'eval' / 'eval.json').read_text())
+    counts = report['checks']['dist_eval_equals_one_process']['correct_dist_eval_vs_one_process']
+    assert counts['test_acc1'][1] == round(single['test_acc1'] * 25 / 100) and single['test_images'] == 25

@@ -152,6 +152,8 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         main.main(parser.parse_args(base + ['--cuda-graph', '--no_amp']))
     with pytest.raises(main.UsageError, match='--eval needs --resume'):
         main.main(parser.parse_args(base + ['--eval']))
+    with pytest.raises(main.UsageError, match='--dist-backend nccl needs --device cuda; with --device cpu use gloo'):
+        main.main(parser.parse_args(base + ['--dist-backend', 'nccl']))
     assert not os.listdir(tmp_path)
 
 
