@@ -8,11 +8,13 @@ torchrun), then one process:
   run       the run, with --dist-eval;
   resumed   the same run, killed with SIGKILL right after its first checkpoint (main.py's fault point, as a
             cluster's kill) and launched again exactly as before, which resumes it;
-  eval      one process evaluating run's final checkpoint (main.py --eval --resume).
+  eval      one process evaluating run's final checkpoint (main.py --eval --resume);
+  eager     on CUDA, the run with --no-cuda-graph: DistributedDataParallel's eager step against the captured one.
 Checked: run and resumed hold main.py's run files only and one log line per epoch (rank 0 writes alone); every
 rank ends with the same parameters (summary.json's param_checksums, a sum and a sum of squares per rank); resumed
 ends with run's parameters and log (timing fields aside); eval's top-1 / top-5 images equal --dist-eval's, within
---eval-tolerance images (a one-process evaluation batches the images differently, and a GEMM may round otherwise).
+--eval-tolerance images (a one-process evaluation batches the images differently, and a GEMM may round otherwise);
+eager ends with run's parameters within 1e-3 (each tensor's difference in norm, relative to its norm).
 Prints a JSON report, writes it to OUTPUT_ROOT/ddp_check.json and exits 1 if a check fails.
 """
 import argparse
@@ -21,12 +23,15 @@ import os
 import subprocess
 import sys
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from main import RUN_FILES  # noqa: E402
 from utils import FAULT_ENV  # noqa: E402
 
 LOG_KEYS = ('epoch', 'train_loss', 'train_lr', 'test_loss', 'test_acc1', 'test_acc5', 'test_images')
+EAGER_TOLERANCE = 1e-3
 
 
 def launch(nproc, launcher, flags, env=None, check=True):
@@ -54,7 +59,18 @@ def correct(entry, key):
     return round(entry[key] * entry['test_images'] / 100)
 
 
-def check_runs(run_dir, resumed_dir, eval_file, epochs, eval_tolerance):
+def relative_difference(checkpoint_a, checkpoint_b):
+    """Largest ||a - b|| / ||a|| over the saved models' floating-point tensors (0 where both are zero)."""
+    a, b = (torch.load(c, map_location='cpu', weights_only=False)['model'] for c in (checkpoint_a, checkpoint_b))
+    worst = 0.0
+    for k, t in a.items():
+        if t.is_floating_point():
+            t, u = t.double(), b[k].double()
+            worst = max(worst, ((t - u).norm() / t.norm().clamp_min(1e-30)).item())
+    return worst
+
+
+def check_runs(run_dir, resumed_dir, eval_file, epochs, eval_tolerance, eager_dir=None):
     """The report: each check's numbers and whether it holds."""
     (log, summary), (log_r, summary_r) = read_run(run_dir), read_run(resumed_dir)
     with open(eval_file) as f:
@@ -82,6 +98,12 @@ def check_runs(run_dir, resumed_dir, eval_file, epochs, eval_tolerance):
         'correct_dist_eval_vs_one_process': counts,
         'ok': dist_eval['test_images'] == single['test_images']
         and all(abs(a - b) <= eval_tolerance for a, b in counts.values())}
+    if eager_dir is not None:
+        log_e, _ = read_run(eager_dir)
+        worst = relative_difference(*(os.path.join(d, 'checkpoint.pth') for d in (run_dir, eager_dir)))
+        losses = [[e['train_loss'] for e in lines] for lines in (log, log_e)]
+        checks['eager_ddp_equals_captured'] = {'max_relative_difference': worst, 'train_loss': losses,
+                                               'ok': worst <= EAGER_TOLERANCE}
     return {'ok': all(c['ok'] for c in checks.values()), 'checks': checks}
 
 
@@ -100,8 +122,8 @@ def main():
         p.error('the main.py flags must not set --output_dir, --resume or --eval: ddp_check.py sets them')
     epochs = int(flags[flags.index('--epochs') + 1])
     root = os.path.abspath(args.output_root)
-    run_dir, resumed_dir, eval_dir = (os.path.join(root, n) for n in ('run', 'resumed', 'eval'))
-    for d in (run_dir, resumed_dir, eval_dir):
+    run_dir, resumed_dir, eval_dir, eager_dir = (os.path.join(root, n) for n in ('run', 'resumed', 'eval', 'eager'))
+    for d in (run_dir, resumed_dir, eval_dir, eager_dir):
         if os.path.exists(d) and os.listdir(d):
             p.error(f'{d} is not empty: give a new --output-root')
 
@@ -114,9 +136,13 @@ def main():
                                                  '--output_dir', eval_dir]
     print('==>', ' '.join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
+    cuda = 'cpu' not in flags[flags.index('--device') + 1] if '--device' in flags else torch.cuda.is_available()
+    if cuda:  # on the CPU every step is eager already
+        launch(args.nproc, args.launcher, flags + ['--dist-eval', '--no-cuda-graph', '--output_dir', eager_dir])
 
     report = {'nproc': args.nproc, 'launcher': args.launcher, 'flags': flags,
-              **check_runs(run_dir, resumed_dir, os.path.join(eval_dir, 'eval.json'), epochs, args.eval_tolerance)}
+              **check_runs(run_dir, resumed_dir, os.path.join(eval_dir, 'eval.json'), epochs, args.eval_tolerance,
+                           eager_dir if cuda else None)}
     with open(os.path.join(root, 'ddp_check.json'), 'w') as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))

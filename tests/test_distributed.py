@@ -106,3 +106,14 @@ def test_ddp_check_script_resumes_a_killed_two_process_run_to_the_same_parameter
     single = json.loads((tmp_path / 'eval' / 'eval.json').read_text())
     counts = report['checks']['dist_eval_equals_one_process']['correct_dist_eval_vs_one_process']
     assert counts['test_acc1'][1] == round(single['test_acc1'] * 25 / 100) and single['test_images'] == 25
+
+
+def test_ddp_check_relative_difference_of_two_checkpoints(tmp_path):
+    """||a - b|| / ||a|| per floating-point tensor, the largest of them; integer buffers are not compared."""
+    sys.path.insert(0, os.path.join(REPO, 'scripts'))
+    import ddp_check
+    a = {'w': torch.tensor([3.0, 4.0]), 'v': torch.tensor([1.0, 0.0]), 'steps': torch.tensor(7)}
+    b = {'w': torch.tensor([3.0, 4.5]), 'v': torch.tensor([1.0, 0.0]), 'steps': torch.tensor(9)}
+    for name, model in (('a.pth', a), ('b.pth', b)):
+        torch.save({'model': model}, tmp_path / name)
+    assert ddp_check.relative_difference(tmp_path / 'a.pth', tmp_path / 'b.pth') == pytest.approx(0.5 / 5, rel=1e-12)
