@@ -87,7 +87,8 @@ def test_ddp_check_script_resumes_a_killed_two_process_run_to_the_same_parameter
     """scripts/ddp_check.py on two gloo processes: the run, the run killed after its first checkpoint and launched
     again, and a one-process evaluation. The script's verdicts are checked against the files themselves."""
     flags = [str(a) for a in TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', data, '--batch-size', BATCH,
-                                                   '--epochs', 2, '--fusion-strategy', 'interleaved', '--fusion-token', 3]]
+                                                   '--epochs', 2, '--fusion-strategy', 'interleaved',
+                                                   '--fusion-token', 3]]
     env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, 'scripts/ddp_check.py', '--nproc', '2', '--output-root', str(tmp_path),
                            '--eval-tolerance', '25', '--'] + flags, cwd=REPO, env=env, capture_output=True, text=True,

@@ -157,6 +157,20 @@ def test_bad_settings_fail_before_training(data, tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_more_nccl_processes_than_gpus_are_refused_and_gloo_shares_them(monkeypatch):
+    import main
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    monkeypatch.setenv('LOCAL_RANK', '2')
+    parser = main.get_args_parser()
+    with pytest.raises(main.UsageError, match=r'local rank 2, but 2 GPU\(s\) are visible: NCCL takes one GPU per'):
+        main.check_args(parser.parse_args(['--device', 'cuda']))
+    main.check_args(parser.parse_args(['--device', 'cuda', '--dist-backend', 'gloo']))
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    main.check_args(parser.parse_args(['--device', 'cuda']))
+
+
 def test_cuda_graph_default_captures_every_optimizer_and_says_where_the_update_is_eager(capsys):
     import main
     parser = main.get_args_parser()
