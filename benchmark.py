@@ -290,3 +290,5 @@ def main(args):
 
 if __name__ == "__main__":
     main(argparse.ArgumentParser("Famba-V benchmark", parents=[get_args_parser()]).parse_args())
+    if dist.is_initialized():
+        dist.destroy_process_group()
