@@ -1,10 +1,10 @@
 """Checks of one several-process training run: what rank 0 writes, the ranks' parameters, resuming after a kill,
-and --dist-eval against one process.
+--dist-eval against one process, and the eager DDP step against the captured one.
 
     python scripts/ddp_check.py --nproc 2 --output-root output/ddp_check -- MAIN.PY FLAGS (data, model, --epochs >= 2)
 
-Three launches of main.py with FLAGS through ``torch.distributed.launch --use_env`` (``--launcher torchrun``:
-torchrun), then one process:
+main.py with FLAGS, launched through ``torch.distributed.launch --use_env`` (``--launcher torchrun``: torchrun)
+but for eval:
   run       the run, with --dist-eval;
   resumed   the same run, killed with SIGKILL right after its first checkpoint (main.py's fault point, as a
             cluster's kill) and launched again exactly as before, which resumes it;
