@@ -109,12 +109,19 @@ def test_ddp_check_script_resumes_a_killed_two_process_run_to_the_same_parameter
     assert counts['test_acc1'][1] == round(single['test_acc1'] * 25 / 100) and single['test_images'] == 25
 
 
-def test_ddp_check_relative_difference_of_two_checkpoints(tmp_path):
-    """||a - b|| / ||a|| per floating-point tensor, the largest of them; integer buffers are not compared."""
+def test_ddp_check_parameter_difference_of_two_checkpoints(tmp_path):
+    """||a - b|| / ||a|| over all floating-point tensors, and per tensor for the worst one; integer buffers are not
+    compared."""
     sys.path.insert(0, os.path.join(REPO, 'scripts'))
     import ddp_check
-    a = {'w': torch.tensor([3.0, 4.0]), 'v': torch.tensor([1.0, 0.0]), 'steps': torch.tensor(7)}
-    b = {'w': torch.tensor([3.0, 4.5]), 'v': torch.tensor([1.0, 0.0]), 'steps': torch.tensor(9)}
+    a = {'w': torch.tensor([3.0, 4.0]), 'bias': torch.tensor([0.0, 1e-3]), 'steps': torch.tensor(7)}
+    b = {'w': torch.tensor([3.0, 4.0]), 'bias': torch.tensor([0.0, -1e-3]), 'steps': torch.tensor(9)}
     for name, model in (('a.pth', a), ('b.pth', b)):
         torch.save({'model': model}, tmp_path / name)
-    assert ddp_check.relative_difference(tmp_path / 'a.pth', tmp_path / 'b.pth') == pytest.approx(0.5 / 5, rel=1e-12)
+    got = ddp_check.parameter_difference(tmp_path / 'a.pth', tmp_path / 'b.pth')
+    bias = torch.tensor(1e-3).item()  # the float32 value saved
+    assert got['relative'] == pytest.approx(2 * bias / (25 + bias ** 2) ** 0.5, rel=1e-12)
+    assert (got['worst_tensor'], got['worst_tensor_relative'], got['bitwise_equal']) == ('bias', 2.0, False)
+    torch.save({'model': {**a, 'steps': torch.tensor(8)}}, tmp_path / 'c.pth')
+    assert ddp_check.parameter_difference(tmp_path / 'a.pth', tmp_path / 'c.pth') == {
+        'relative': 0.0, 'worst_tensor': 'w', 'worst_tensor_relative': 0.0, 'bitwise_equal': True}
