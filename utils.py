@@ -65,7 +65,7 @@ def init_distributed_mode(args):
         return
     args.distributed = True
     use_cuda = args.device.startswith('cuda')
-    args.dist_backend = getattr(args, 'dist_backend', None) or ('nccl' if use_cuda else 'gloo')
+    args.dist_backend = args.dist_backend or ('nccl' if use_cuda else 'gloo')
     if use_cuda:
         if args.dist_backend == 'gloo':  # gloo lets processes share a GPU: local ranks wrap around the GPUs
             args.gpu %= torch.cuda.device_count()
