@@ -1,9 +1,11 @@
 """Host microseconds per call of the torch ops and kernel wrappers an eager Vim-Ti step is made of, at its shapes,
 called from Python and, for the torch ops, from C++ (an extension built here with torch.utils.cpp_extension, which
-runs the same ATen call in a loop): each op is enqueued 200 times behind a GPU sleep, so that only the host's time
+runs the same ATen calls in a loop): each op is enqueued 200 times behind a GPU sleep, so that only the host's time
 counts (best of 3 loops). cuBLAS and cuBLASLt are compared for the GEMMs (torch.backends.cuda.preferred_blas_library).
-The C++ column is what the eager step's torch calls would cost if the per-layer sequence left Python; it needs a
-C++ compiler and ninja (without them the column says so). On a CUDA machine:
+The last rows do the same for one mixer's forward and backward (ssm_ops.BiMambaTritonFn, 50 times) with its Triton
+kernels' launches made no-ops, against their ATen calls from C++. The C++ column is what the eager step's torch
+calls would cost if the per-layer sequence left Python; it needs a C++ compiler and ninja (without them the column
+says so). On a CUDA machine:
 
     python3 scripts/op_host_cost.py
 """
@@ -24,7 +26,7 @@ CPP_SOURCE = r"""
 #include <ATen/ATen.h>
 #include <torch/library.h>
 using at::Tensor;
-#define REPEAT(body) for (int64_t i = 0; i < n; ++i) { body; }
+#define REPEAT(...) for (int64_t i = 0; i < n; ++i) { __VA_ARGS__; }
 void bmm_x_proj(const Tensor& u, const Tensor& w, int64_t n) { REPEAT(at::bmm(u, w.transpose(1, 2))) }
 void linear(const Tensor& h, const Tensor& w, int64_t n) { REPEAT(at::linear(h, w)) }
 void bmm_wgrad(const Tensor& d, const Tensor& z, int64_t n) { REPEAT(at::bmm(d.mT(), z)) }
@@ -36,7 +38,62 @@ void empty(const Tensor& like, int64_t n) { REPEAT(at::empty(like.sizes(), like.
 void view_slice(const Tensor& u, int64_t b, int64_t l, int64_t n) {
   REPEAT(u.view({2, b, l, u.size(-1)}).slice(-1, 0, u.size(-1) / 2)) }
 void add_(Tensor t, int64_t n) { REPEAT(t.add_(1)) }
+
+// BiMambaTritonFn's forward and backward (ssm_ops.py) as their ATen calls alone: the three Triton kernels' outputs
+// are allocated as there, but nothing launches them.
+void mixer_fwd(at::TensorList a, int64_t n) {
+  const Tensor &xz = a[0], &conv_w = a[1], &conv_b = a[2], &x_proj_w = a[3], &dt_proj_w = a[4], &A = a[6],
+      &half_out = a[8];
+  int64_t b = xz.size(0), l = xz.size(1), e = xz.size(2) / 2, ns = A.size(1);
+  auto f32 = xz.options().dtype(at::kFloat);
+  REPEAT(
+    auto x = xz.slice(-1, 0, e); conv_w.contiguous(); conv_b.contiguous();
+    auto u = at::empty({2, b, l, e}, xz.options());
+    auto x_dbl = at::bmm(u.view({2, b * l, e}), x_proj_w.transpose(1, 2));
+    int64_t rank = x_dbl.size(-1) - 2 * ns;
+    auto delta = at::bmm(x_dbl.slice(-1, 0, rank), dt_proj_w.transpose(1, 2)).view({2, b, l, e});
+    auto BC = x_dbl.slice(-1, rank).view({2, b, l, 2 * ns});
+    if (BC.scalar_type() != at::kFloat) BC = BC.to(at::kFloat, false, true, at::MemoryFormat::Contiguous);
+    auto y = at::empty({b, l, e}, f32); auto out_z = at::empty({b, l, e}, xz.options());
+    auto states = at::empty({b, 2, (l + 15) / 16 - 1, ns, e}, f32);
+    at::linear(out_z, half_out))
+}
+void mixer_bwd(at::TensorList s, const Tensor& dout_in, int64_t g, int64_t n) {
+  const Tensor &xz = s[0], &conv_w = s[1], &conv_b = s[2], &x_proj_w = s[3], &dt_proj_w = s[4], &dt_bias = s[5],
+      &A = s[6], &D = s[7], &half_out = s[8], &x_dbl = s[9];
+  int64_t b = xz.size(0), l = xz.size(1), e = xz.size(2) / 2, ns = A.size(1), k = x_dbl.size(-1);
+  int64_t rank = k - 2 * ns, dm = dout_in.size(-1), blocks = e / 32, piece = xz.element_size() == 2 ? 8 : 16;
+  int64_t p = b / g, gl = g * l;
+  auto f32 = xz.options().dtype(at::kFloat);
+  auto acc = at::promote_types(xz.scalar_type(), at::kFloat);
+  REPEAT(
+    auto x = xz.slice(-1, 0, e); conv_w.contiguous(); conv_b.contiguous();
+    auto u = at::empty({2, b, l, e}, xz.options());
+    auto delta = at::bmm(x_dbl.slice(-1, 0, rank), dt_proj_w.transpose(1, 2)).view({2, b, l, e});
+    auto dout = dout_in.to(xz.scalar_type());
+    auto dxz = at::empty_like(xz);
+    auto dout_z = at::matmul(dout, half_out);
+    auto du = at::empty_like(u); auto ddelta = at::empty({2, b, l, e}, delta.options());
+    auto out_z = at::empty({b, l, e}, u.options()); auto dz = dxz.slice(-1, e);
+    auto scratch = at::empty({b * 2 * blocks, piece, ns, 32}, f32);
+    auto dparams = at::empty({b, ns + 2, 2 * e}, f32).sum(0);
+    auto dbc = at::empty({2, blocks, b, l, 2 * ns}, f32);
+    auto dA = dparams.slice(0, 0, ns).t().to(A.scalar_type()); auto dBC = dbc.sum(1);
+    auto dD = dparams.select(0, ns).to(D.scalar_type()); auto ddt_bias = dparams.select(0, ns + 1).to(dt_bias.scalar_type());
+    auto dx_dbl = at::cat({at::bmm(ddelta.view({2, b * l, e}), dt_proj_w),
+                           dBC.view({2, b * l, 2 * ns}).to(x_dbl.scalar_type())}, -1);
+    auto dout_proj_w = at::bmm(dout.reshape({p, gl, dm}).mT(), out_z.reshape({p, gl, e})).sum(0, false, acc) * 0.5;
+    auto ddt_proj_w = at::bmm(ddelta.reshape({2 * p, gl, e}).mT(), x_dbl.view({2 * p, gl, k}).slice(-1, 0, rank))
+        .view({2, p, e, rank}).sum(1, false, acc);
+    auto dx_proj_w = at::bmm(dx_dbl.view({2 * p, gl, k}).mT(), u.reshape({2 * p, gl, e}))
+        .view({2, p, k, e}).sum(1, false, acc);
+    du.view({2, b * l, e}).baddbmm_(dx_dbl, x_proj_w);
+    conv_w.contiguous(); conv_b.contiguous();
+    auto dwb = at::empty({b * ((l + 31) / 32), 2 * e, 5}, f32).sum(0);
+    auto dconv_w = dwb.slice(1, 0, 4).to(conv_w.scalar_type()); auto dconv_b = dwb.select(1, 4).to(conv_b.scalar_type()))
+}
 TORCH_LIBRARY(op_host_cost, m) {
+  m.def("mixer_fwd", mixer_fwd); m.def("mixer_bwd", mixer_bwd);
   m.def("bmm_x_proj", bmm_x_proj); m.def("linear", linear); m.def("bmm_wgrad", bmm_wgrad);
   m.def("mm_wgrad", mm_wgrad); m.def("sum0_f32", sum0_f32); m.def("sum0", sum0); m.def("empty", empty);
   m.def("view_slice", view_slice); m.def("add_", add_);
@@ -117,6 +174,61 @@ def measure(cpp, row):
     return name, py_us, host_us(lambda n: loop(*args, n))
 
 
+class _Ctx:
+    """What BiMambaTritonFn's forward and backward use of an autograd ctx."""
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _unlaunched():
+    """Every compiled Triton kernel of the mixer (kernels/conv.py, kernels/scan.py) made a no-op launch: their
+    wrappers still check, allocate and key as in a step, but launch nothing."""
+    from kernels import conv, launch, scan
+    for module in (conv, scan):
+        for launcher in vars(module).values():
+            if isinstance(launcher, launch.Launcher):
+                launcher.compiled = {key: (lambda grid, *args: None, constexprs)
+                                     for key, (_, constexprs) in launcher.compiled.items()}
+
+
+def mixer_rows(cpp, dev):
+    """(dtype, op, Python us, C++ us) for one mixer's forward and backward at Vim-Ti's shapes without their kernel
+    launches: ssm_ops.BiMambaTritonFn's own code against the same ATen calls from C++ (mixer_fwd, mixer_bwd)."""
+    import models_mamba
+    import ssm_ops
+    fn = ssm_ops.BiMambaTritonFn
+    cases = []
+    for dt in (torch.bfloat16, torch.float32):
+        mixer = models_mamba.BiMamba(DM).to(dev)
+        hidden = torch.randn(B, L, DM, device=dev)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dt == torch.bfloat16):
+            conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, in_proj_w, out_proj_w, gemm = (
+                models_mamba.stacked_params([mixer], hidden)[0])
+            xz = F.linear(hidden.to(dt), in_proj_w.to(dt))
+        args = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, gemm)
+        ctx, dout = _Ctx(), torch.randn(B, L, DM, device=dev, dtype=dt)
+        with torch.no_grad():
+            fn.forward(ctx, *args)
+            fn.backward(ctx, dout)   # compiles every kernel the mixer launches
+        cases.append((dt, args, ctx, dout))
+    _unlaunched()
+    rows = []
+    for dt, args, ctx, dout in cases:
+        saved, g = ctx.saved_tensors, ssm_ops._samples_per_gemm(B, L)
+        with torch.no_grad():
+            fwd = host_us(python(lambda: fn.forward(_Ctx(), *args)), n=50)
+            bwd = host_us(python(lambda: fn.backward(ctx, dout)), n=50)
+            # the C++ forward takes the GEMM operands as the Function's GEMMs use them
+            fwd_args = list(args[:3]) + list(args[9][:2]) + list(args[5:8]) + [args[9][2]]
+            fwd_cpp = bwd_cpp = None
+            if not isinstance(cpp, str):
+                fwd_cpp = host_us(lambda n: cpp.mixer_fwd(fwd_args, n), n=50)
+                bwd_cpp = host_us(lambda n: cpp.mixer_bwd(list(saved), dout, g, n), n=50)
+        name = str(dt).split(".")[1]
+        rows += [(name, "mixer forward, no launches", fwd, fwd_cpp), (name, "mixer backward, no launches", bwd, bwd_cpp)]
+    return rows
+
+
 def main():
     dev = "cuda"
     cpp = build_cpp()
@@ -134,7 +246,7 @@ def main():
     if isinstance(cpp, str):
         print(f"C++ loops not built: {cpp}")
     print("| dtype | blas | op | host us/call from Python | from C++ |\n| --- | --- | --- | --- | --- |")
-    for dname, lib, name, py_us, cpp_us in rows:
+    for dname, lib, name, py_us, cpp_us in rows + [(d, "-", *r) for d, *r in mixer_rows(cpp, dev)]:
         print(f"| {dname} | {lib} | {name} | {py_us:.1f} | {'-' if cpp_us is None else f'{cpp_us:.1f}'} |")
 
 
