@@ -79,7 +79,8 @@ void mixer_bwd(at::TensorList s, const Tensor& dout_in, int64_t g, int64_t n) {
     auto dparams = at::empty({b, ns + 2, 2 * e}, f32).sum(0);
     auto dbc = at::empty({2, blocks, b, l, 2 * ns}, f32);
     auto dA = dparams.slice(0, 0, ns).t().to(A.scalar_type()); auto dBC = dbc.sum(1);
-    auto dD = dparams.select(0, ns).to(D.scalar_type()); auto ddt_bias = dparams.select(0, ns + 1).to(dt_bias.scalar_type());
+    auto dD = dparams.select(0, ns).to(D.scalar_type());
+    auto ddt_bias = dparams.select(0, ns + 1).to(dt_bias.scalar_type());
     auto dx_dbl = at::cat({at::bmm(ddelta.view({2, b * l, e}), dt_proj_w),
                            dBC.view({2, b * l, 2 * ns}).to(x_dbl.scalar_type())}, -1);
     auto dout_proj_w = at::bmm(dout.reshape({p, gl, dm}).mT(), out_z.reshape({p, gl, e})).sum(0, false, acc) * 0.5;
@@ -90,7 +91,8 @@ void mixer_bwd(at::TensorList s, const Tensor& dout_in, int64_t g, int64_t n) {
     du.view({2, b * l, e}).baddbmm_(dx_dbl, x_proj_w);
     conv_w.contiguous(); conv_b.contiguous();
     auto dwb = at::empty({b * ((l + 31) / 32), 2 * e, 5}, f32).sum(0);
-    auto dconv_w = dwb.slice(1, 0, 4).to(conv_w.scalar_type()); auto dconv_b = dwb.select(1, 4).to(conv_b.scalar_type()))
+    auto dconv_w = dwb.slice(1, 0, 4).to(conv_w.scalar_type());
+    auto dconv_b = dwb.select(1, 4).to(conv_b.scalar_type()))
 }
 TORCH_LIBRARY(op_host_cost, m) {
   m.def("mixer_fwd", mixer_fwd); m.def("mixer_bwd", mixer_bwd);
@@ -225,7 +227,8 @@ def mixer_rows(cpp, dev):
                 fwd_cpp = host_us(lambda n: cpp.mixer_fwd(fwd_args, n), n=50)
                 bwd_cpp = host_us(lambda n: cpp.mixer_bwd(list(saved), dout, g, n), n=50)
         name = str(dt).split(".")[1]
-        rows += [(name, "mixer forward, no launches", fwd, fwd_cpp), (name, "mixer backward, no launches", bwd, bwd_cpp)]
+        rows += [(name, "mixer forward, no launches", fwd, fwd_cpp),
+                 (name, "mixer backward, no launches", bwd, bwd_cpp)]
     return rows
 
 
