@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models_mamba  # noqa: E402
+import ssm_ops  # noqa: E402
+from kernels import conv, launch, scan  # noqa: E402
 from kernels import norm as norm_kernels  # noqa: E402
 
 B, L, E, DM = 128, 197, 384, 192
@@ -185,7 +188,6 @@ class _Ctx:
 def _unlaunched():
     """Every compiled Triton kernel of the mixer (kernels/conv.py, kernels/scan.py) made a no-op launch: their
     wrappers still check, allocate and key as in a step, but launch nothing."""
-    from kernels import conv, launch, scan
     for module in (conv, scan):
         for launcher in vars(module).values():
             if isinstance(launcher, launch.Launcher):
@@ -196,8 +198,6 @@ def _unlaunched():
 def mixer_rows(cpp, dev):
     """(dtype, op, Python us, C++ us) for one mixer's forward and backward at Vim-Ti's shapes without their kernel
     launches: ssm_ops.BiMambaTritonFn's own code against the same ATen calls from C++ (mixer_fwd, mixer_bwd)."""
-    import models_mamba
-    import ssm_ops
     fn = ssm_ops.BiMambaTritonFn
     cases = []
     for dt in (torch.bfloat16, torch.float32):
