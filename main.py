@@ -97,7 +97,8 @@ def get_args_parser():
     parser.add_argument('--min-lr', type=float, default=1e-5, metavar='LR')
     parser.add_argument('--decay-epochs', type=float, default=30, metavar='N', help='step schedule interval')
     parser.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
-    parser.add_argument('--cooldown-epochs', type=int, default=10, metavar='N')
+    parser.add_argument('--cooldown-epochs', type=int, default=10, metavar='N',
+                        help='accepted for DeiT/Vim command lines; as there, it has no effect (training runs --epochs)')
     parser.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='plateau schedule')
     parser.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
 
@@ -380,6 +381,15 @@ def run_changes(flags, saved_flags):
     return {k: [saved_flags.get(k), flags.get(k)] for k in keys if flags.get(k) != saved_flags.get(k)}
 
 
+def checkpoint_flags(checkpoint):
+    """The flags a checkpoint was written with, as a dict: main.py saves a dict, DeiT-style code (Vim's and the
+    Famba-V release's main.py) the argparse.Namespace itself; {} where there are none (official Vim weights)."""
+    saved = checkpoint.get('args')
+    if isinstance(saved, argparse.Namespace):
+        return vars(saved)
+    return saved if isinstance(saved, dict) else {}
+
+
 def load_checkpoint(args, auto=False):
     """Read and check the --resume checkpoint before anything is built; every problem is a UsageError.
 
@@ -405,7 +415,7 @@ def load_checkpoint(args, auto=False):
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
         raise UsageError(f'{what} is not a checkpoint of main.py (no "model" weights in it); '
                          'plain weights are loaded with --finetune')
-    saved_flags = checkpoint.get('args') or {}
+    saved_flags = checkpoint_flags(checkpoint)
     if auto:
         changed = run_changes(effective_flags(args), saved_flags)
         if changed or not saved_flags:
@@ -417,6 +427,11 @@ def load_checkpoint(args, auto=False):
         print(f'--output_dir {args.output_dir} holds a checkpoint of this run (same flags): resuming from {path}')
     changes = model_setting_changes(vars(args), saved_flags)
     if args.eval:
+        if not saved_flags:
+            print(f'main.py: warning: {path} holds no flags (it was not written by main.py), so its class-token '
+                  f'position and fusion settings cannot be checked: evaluating it with --cls-position '
+                  f'{args.cls_position} (official Vim checkpoints need --cls-position middle)', file=sys.stderr,
+                  flush=True)
         if changes:
             print(f'main.py: warning: --eval with model settings that differ from {path}: {"; ".join(changes)}. '
                   'The accuracy is that of the model as the current flags build it.', file=sys.stderr, flush=True)
@@ -494,7 +509,7 @@ def resume_state(args, checkpoint, model, model_ema, optimizer, lr_scheduler, lo
     history = checkpoint.get('history')
     if history is None:
         history = _history_from_log(args.resume, checkpoint['epoch'])
-    changed = run_changes(vars(args), checkpoint.get('args') or {})
+    changed = run_changes(vars(args), checkpoint_flags(checkpoint))
     resumes = list(checkpoint.get('resumes', []))
     if start < args.epochs:
         if changed:
@@ -666,7 +681,8 @@ def main(args):
 
     # EMA after the DDP wrap (or the broadcast): every process starts the same EMA from rank 0's weights
     model_ema = None
-    if args.model_ema:
+    if args.model_ema and not (args.eval and resumed is not None and resumed.get('model_ema') is None):
+        # (--eval of weights without an EMA copy, official Vim's say, evaluates the weights alone)
         model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
 

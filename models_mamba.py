@@ -4,7 +4,9 @@
     model = timm.create_model("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
                               num_classes=100, fusion_strategy="upper", fusion_layer=4, fusion_token=8)
 
-Parameter names and shapes are Vim's, so an official Vim checkpoint's "model" dict loads with strict=True.
+Parameter names and shapes are Vim's, so an official Vim checkpoint's "model" dict loads with strict=True; it
+computes Vim's function only with cls_position="middle" (the class token where Vim's checkpoints have it), while
+the default, "head", is Famba-V's.
 Layer i (of 24, run one after another) with residual stream r and hidden h:
     r = h_embedded (i = 0) or r + drop_path(h);  h = RMSNorm(r);  [fuse tokens of h and r];  h = mixer(h)
 then logits = head(RMSNorm(r + drop_path(h))[class token]). The mixer is bimamba v2 (ssm_ops.py).

@@ -13,7 +13,8 @@ residual stream:
    ``"spatial"``: every surviving token keeps its original relative position.
 
 The class token is never fused, wherever it sits; its index after fusion is returned so the model can read
-it out. The index is a Python int while it is the same for the whole batch, else a (B,) long tensor.
+it out. The index is a Python int where it is known without looking at the data (a class token at position 0,
+or none), else a (B,) long tensor.
 On request fuse also carries a source map (ToMe's source trace, held as one group id per input token):
 source[b, t] = the token that holds input token t now; each fusion composes it with its own map.
 On CUDA the merge (step 3) runs as kernels/fusion.py's merge_rows / gather_rows, and in the paper's setting

@@ -234,6 +234,24 @@ def test_eval_with_other_fusion_settings_warns_and_a_training_resume_refuses(fir
     assert not (tmp_path / 'train').exists()
 
 
+def test_foreign_checkpoints_are_checked_through_their_namespace_or_said_unchecked(first, data, tmp_path, capsys):
+    """DeiT-style code (Vim's, the Famba-V release's) saves its argparse.Namespace as 'args'; official Vim weights
+    hold no flags at all, so nothing about their class token can be checked, which --eval must say."""
+    import argparse
+    saved = load(first[0] / 'checkpoint.pth')
+    torch.save({**saved, 'args': argparse.Namespace(**{**saved['args'], 'fusion_token': 2})}, tmp_path / 'deit.pth')
+    torch.save({'model': saved['model']}, tmp_path / 'vim.pth')
+    train(data, tmp_path / 'a', '--eval', '--resume', tmp_path / 'deit.pth')
+    err = capsys.readouterr().err
+    assert '--fusion-token 10 (checkpoint: 2)' in err and 'holds no flags' not in err
+    with pytest.raises(main.UsageError, match=r'--fusion-token 10 \(checkpoint: 2\)'):
+        train(data, tmp_path / 'b', '--epochs', 2, '--resume', tmp_path / 'deit.pth')
+    stats = train(data, tmp_path / 'c', '--eval', '--resume', tmp_path / 'vim.pth')
+    assert 'test_acc1' in stats and not any(k.startswith('test_ema') for k in stats)  # no EMA copy to evaluate
+    err = capsys.readouterr().err
+    assert 'holds no flags' in err and '--cls-position head' in err and len(err.strip().splitlines()) == 1
+
+
 def test_unusable_resume_files_are_one_line_errors(first, data, tmp_path):
     out, _ = first
     raw = (out / 'checkpoint.pth').read_bytes()
