@@ -259,6 +259,11 @@ def main(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available: pass --device cpu")
     args.modes = args.modes or (["graph"] if args.device.startswith("cuda") else ["eager"])
+    for backend in args.ssm_backends:  # before the first configuration runs, not after an hour of them
+        try:
+            ssm_ops.check_backend(backend)
+        except ValueError as e:
+            raise SystemExit(f"benchmark.py: error: --ssm-backends {backend}: {e}") from e
     if {"graph", "ddp"} & set(args.modes) and not args.device.startswith("cuda"):
         raise SystemExit("--modes graph and ddp need a CUDA device (the CPU runs eager and ddp-eager)")
     if any(m.startswith("ddp") for m in args.modes) or "WORLD_SIZE" in os.environ:

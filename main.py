@@ -189,6 +189,11 @@ def check_args(args):
         raise UsageError(f'local rank {local_rank}, but {torch.cuda.device_count()} GPU(s) are visible: NCCL takes '
                          'one GPU per process; launch fewer processes per node, or share GPUs with '
                          '--dist-backend gloo')
+    if (utils.slurm_tasks() > 1 and not launched and args.dist_url == 'env://'
+            and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ)):
+        raise UsageError(f'srun started {utils.slurm_tasks()} tasks, but MASTER_ADDR and MASTER_PORT are not set: '
+                         'export them in the job script (the first node\'s host name and a free port), or run '
+                         'torchrun under srun')
     if args.eval and not args.resume:
         raise UsageError('--eval needs --resume CHECKPOINT (the model to evaluate)')
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -243,16 +248,13 @@ def build_model(args, nb_classes):
 def build_loaders(args, dataset_train, dataset_val, device):
     world, rank = utils.get_world_size(), utils.get_rank()
     pin = args.pin_mem and device.type == 'cuda'
-    if args.distributed:
-        if args.repeated_aug:
-            sampler_train = samplers.RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
-                                               seed=args.seed)
-        else:
-            sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
-                                                                shuffle=True, seed=args.seed)
-    else:  # shuffled with its own seed and the epoch (not the global generator), as the samplers above
-        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=1, rank=0, shuffle=True,
-                                                            seed=args.seed)
+    # in every launch form, one process or several, as DeiT's and Vim's main.py (so `python main.py` trains as a
+    # one-process launch does); shuffled with their own seed and the epoch, not the global generator
+    if args.repeated_aug:
+        sampler_train = samplers.RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    else:
+        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world, rank=rank,
+                                                            shuffle=True, seed=args.seed)
     if args.distributed and args.dist_eval:
         sampler_val = samplers.DistributedEvalSampler(dataset_val, num_replicas=world, rank=rank)
     else:

@@ -45,8 +45,15 @@ def setup_for_distributed(is_master):
     builtins.print = print
 
 
+def slurm_tasks():
+    """How many tasks the srun step this process belongs to started (1 outside srun: a plain `python main.py` in a
+    batch script, whose environment also holds SLURM_PROCID, is one process)."""
+    return int(os.environ.get('SLURM_STEP_NUM_TASKS', 1))
+
+
 def init_distributed_mode(args):
-    """Join the process group described by the launcher's environment (torchrun / launch --use_env).
+    """Join the process group described by the launcher's environment (torchrun / launch --use_env, or srun's
+    tasks).
 
     Sets args.distributed, args.rank, args.world_size, args.gpu and args.dist_backend (unset: NCCL on CUDA, gloo on
     the CPU).
@@ -55,9 +62,10 @@ def init_distributed_mode(args):
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', args.local_rank))
-    elif 'SLURM_PROCID' in os.environ:
+    elif slurm_tasks() > 1:  # srun started one task per process (MASTER_ADDR / MASTER_PORT checked by main.py)
         args.rank = int(os.environ['SLURM_PROCID'])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+        args.world_size = slurm_tasks()
+        args.gpu = int(os.environ.get('SLURM_LOCALID', 0))
     else:
         print('Not using distributed mode')
         args.distributed = False

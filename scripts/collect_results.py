@@ -92,10 +92,15 @@ def load_runs(folders):
         if not os.path.isfile(path):
             print(f'skipping {folder}: no summary.json (run not finished?)', file=sys.stderr)
             continue
-        with open(path) as f:
-            s = json.load(f)
-        args = s['args']
-        strategy = ALIASES.get(args['fusion_strategy'], args['fusion_strategy'])
+        try:
+            with open(path) as f:
+                s = json.load(f)
+            args = s['args']
+            strategy = ALIASES.get(args['fusion_strategy'], args['fusion_strategy'])
+        except (ValueError, KeyError, TypeError) as e:
+            print(f'skipping {folder}: its summary.json is not one main.py wrote ({type(e).__name__}: {e})',
+                  file=sys.stderr)
+            continue
         runs.append({'folder': folder, 'model': s['model'], 'strategy': strategy,
                      'layer': args['fusion_layer'], 'token': args['fusion_token'], 'summary': s,
                      'arch': architecture(s), 'setting': setting(s)})
@@ -170,8 +175,9 @@ def main(argv=None):
                         '(scripts/tradeoff_plot.py; FILE.json beside it lists the plotted points)')
     args = parser.parse_args(argv)
     folders = list(args.folders)
-    if args.root:
-        folders += sorted(os.path.dirname(p) for p in glob.glob(os.path.join(args.root, '*', 'summary.json')))
+    if args.root:  # the runs below ROOT, or ROOT itself when it is a run
+        folders += sorted(os.path.dirname(p) for p in glob.glob(os.path.join(args.root, '*', 'summary.json'))) or [
+            args.root]
     runs = load_runs(folders)
     if not runs:
         parser.error('no summary.json found in the given folders')
@@ -180,7 +186,7 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import tradeoff_plot
         try:
-            tradeoff_plot.plot_tradeoff([{'model': model_label(r['model']), 'label': strategy_label(r),
+            tradeoff_plot.plot_tradeoff([{'model': model_label(r['model'], r['arch']), 'label': strategy_label(r),
                                           'top1': r['summary'][f'{args.metric}_acc1'],
                                           'total_time_s': r['summary']['total_time_s'],
                                           'max_peak_mem_mib': r['summary'].get('max_peak_mem_mib')} for r in runs],

@@ -6,6 +6,7 @@ rows in float32 (8 warps, 32 channels, "fp32": the kernel before its dot product
 
     python scripts/fusion_map_benchmark.py
 """
+import argparse
 import os
 import sys
 
@@ -41,4 +42,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -4,6 +4,7 @@ says where the time goes.
 
     python scripts/host_profile.py STRATEGY LAYER TOKEN {fp32,bf16}      # e.g. all 0 7 bf16
 """
+import argparse
 import os
 import statistics
 import sys
@@ -56,6 +57,10 @@ def main(strategy, layer, token, precision):
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 5:
-        sys.exit(__doc__)
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('strategy')
+    parser.add_argument('layer')
+    parser.add_argument('token')
+    parser.add_argument('precision', choices=['fp32', 'bf16'])
+    a = parser.parse_args()
+    main(a.strategy, a.layer, a.token, a.precision)

@@ -4,6 +4,7 @@ cProfile's 30 most expensive functions of three steps.
 
     python scripts/launch_cost.py {fp32,bf16}
 """
+import argparse
 import cProfile
 import os
 import pstats
@@ -80,6 +81,6 @@ def main(precision):
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 2 or sys.argv[1] not in ('fp32', 'bf16'):
-        sys.exit(__doc__)
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('precision', choices=['fp32', 'bf16'])
+    main(parser.parse_args().precision)

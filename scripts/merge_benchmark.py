@@ -6,6 +6,7 @@ transpose with 1 and 4 rows per program.
 
     python scripts/merge_benchmark.py
 """
+import argparse
 import os
 import statistics
 import sys
@@ -61,4 +62,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -6,6 +6,7 @@ call, summed from torch.profiler's CUDA events over 20 calls (so without the lau
 
     python scripts/norm_benchmark.py
 """
+import argparse
 import os
 import sys
 
@@ -59,4 +60,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -9,6 +9,7 @@ says so). On a CUDA machine:
 
     python3 scripts/op_host_cost.py
 """
+import argparse
 import os
 import sys
 import time
@@ -254,4 +255,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

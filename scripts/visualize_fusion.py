@@ -87,8 +87,13 @@ def build(args):
     if args.resume:
         if not os.path.isfile(args.resume):
             raise VisualizeError(f'--resume {args.resume}: no such file')
-        checkpoint = torch.load(args.resume, map_location='cpu', weights_only=False)
+        try:
+            checkpoint = torch.load(args.resume, map_location='cpu', weights_only=False)
+        except Exception as e:  # truncated zip, not a torch file, unpickling errors...
+            raise VisualizeError(f'--resume {args.resume} cannot be read as a checkpoint: {type(e).__name__}') from e
         state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
+        changes = main.model_setting_changes(vars(args), main.checkpoint_flags(checkpoint)) \
+            if isinstance(checkpoint, dict) else []
     classes = state['head.weight'].shape[0] if state is not None and 'head.weight' in state else 1000
     utils.seed_everything(args.seed)
     model = main.build_model(args, classes)
@@ -98,6 +103,10 @@ def build(args):
         except RuntimeError as e:
             raise VisualizeError(f'checkpoint {args.resume} does not fit the model: {e}') from e
         origin = f'weights: {args.resume}'
+        if changes:  # drawn as asked (what these settings would fuse in that model), and said so
+            print(f'visualize_fusion.py: warning: model settings differ from the checkpoint\'s: {"; ".join(changes)}',
+                  file=sys.stderr)
+            origin += f' (trained with other settings: {"; ".join(changes)})'
     else:
         origin = f'RANDOM INIT (no checkpoint, seed {args.seed}): untrained weights'
     return model.to(args.device).eval(), origin

@@ -6,6 +6,7 @@ graphs. (Until 9143305 the script timed each gradient on its own: results/wgrad_
 
     python scripts/wgrad_benchmark.py
 """
+import argparse
 import os
 import sys
 
@@ -37,4 +38,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -79,3 +79,12 @@ def test_kernel_times_count_each_kernel_once():
     assert total == pytest.approx(0.2)   # (300 + 100) us / 2 steps
     assert kernels == {"gemm_kernel": [0.15, 4.0], "Memset (Device)": [0.05, 1.0]}
     assert list(kernels) == ["gemm_kernel", "Memset (Device)"]   # most expensive first
+
+
+def test_an_uninstalled_kernel_backend_stops_the_benchmark_before_it_measures(tmp_path, monkeypatch):
+    monkeypatch.setitem(benchmark.ssm_ops.KERNEL_BACKENDS, "cuda", (False, "mamba-ssm and causal-conv1d"))
+    monkeypatch.setattr(benchmark, "measure", lambda *a: pytest.fail("measured before checking the backends"))
+    args = benchmark.get_args_parser().parse_args(["--device", "cpu", "--ssm-backends", "torch", "cuda",
+                                                   "--output", str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit, match="benchmark.py: error: --ssm-backends cuda: .*needs mamba-ssm"):
+        benchmark.main(args)

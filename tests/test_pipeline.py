@@ -171,6 +171,33 @@ def test_more_nccl_processes_than_gpus_are_refused_and_gloo_shares_them(monkeypa
     main.check_args(parser.parse_args(['--device', 'cuda']))
 
 
+def test_slurm_tasks_join_a_group_and_a_plain_run_inside_a_job_is_one_process(monkeypatch):
+    import main
+    import utils
+    parser = main.get_args_parser()
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_STEP_NUM_TASKS'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('SLURM_PROCID', '0')  # a batch script's own environment: `python main.py` in it
+    monkeypatch.setenv('SLURM_NTASKS', '4')
+    args = parser.parse_args(['--device', 'cpu'])
+    main.check_args(args)
+    utils.init_distributed_mode(args)
+    assert not args.distributed and (args.rank, args.world_size) == (0, 1)
+    monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '4')  # srun's tasks, without the rendezvous address
+    monkeypatch.setenv('SLURM_PROCID', '3')
+    with pytest.raises(main.UsageError, match='srun started 4 tasks, but MASTER_ADDR and MASTER_PORT are not set'):
+        main.check_args(parser.parse_args(['--device', 'cpu']))
+    monkeypatch.setenv('MASTER_ADDR', 'node1')
+    monkeypatch.setenv('MASTER_PORT', '29500')
+    main.check_args(args)
+    joined = {}
+    monkeypatch.setattr(utils.dist, 'init_process_group', lambda **kw: joined.update(kw))
+    monkeypatch.setattr(utils.dist, 'barrier', lambda: None)
+    monkeypatch.setattr(utils, 'setup_for_distributed', lambda is_master: None)
+    utils.init_distributed_mode(args)
+    assert args.distributed and joined == dict(backend='gloo', init_method='env://', world_size=4, rank=3)
+
+
 def test_cuda_graph_default_captures_every_optimizer_and_says_where_the_update_is_eager(capsys):
     import main
     parser = main.get_args_parser()

@@ -104,6 +104,25 @@ def test_visualize_fusion_errors_are_one_line(tmp_path):
     assert not (tmp_path / 'x.png').exists()
 
 
+def test_visualize_fusion_says_when_the_checkpoint_was_trained_with_other_settings(tmp_path, capsys):
+    vf = load_script('visualize_fusion')
+    flags = [str(a) for a in TINY_MODEL + QUIET] + ['--output', 'unused.png', '--fusion-strategy', 'upper',
+                                                   '--fusion-layer', '1']
+    trained = vf.get_args_parser().parse_args(flags + ['--fusion-token', '2'])
+    model = vf.main.build_model(trained, 10)
+    torch.save({'model': model.state_dict(), 'args': vars(trained)}, tmp_path / 'ckpt.pth')
+    (tmp_path / 'junk.pth').write_text('not a checkpoint')
+    _, origin = vf.build(vf.get_args_parser().parse_args(flags + ['--fusion-token', '2', '--resume',
+                                                                  str(tmp_path / 'ckpt.pth')]))
+    assert 'other settings' not in origin and 'warning' not in capsys.readouterr().err
+    _, origin = vf.build(vf.get_args_parser().parse_args(flags + ['--fusion-token', '3', '--resume',
+                                                                  str(tmp_path / 'ckpt.pth')]))
+    assert origin.endswith('(trained with other settings: --fusion-token 3 (checkpoint: 2))')
+    assert 'warning: model settings differ' in capsys.readouterr().err
+    with pytest.raises(vf.VisualizeError, match='cannot be read as a checkpoint'):
+        vf.build(vf.get_args_parser().parse_args(flags + ['--resume', str(tmp_path / 'junk.pth')]))
+
+
 def test_visualize_fusion_default_layers_spread_over_the_fused_ones():
     vf = load_script('visualize_fusion')
     assert vf.default_layers(list(range(5, 24))) == [5, 11, 17, 23]  # upper L4: 19 fused layers, every 6th
@@ -137,6 +156,22 @@ def test_tradeoff_plot_points_are_the_summaries_and_the_papers(tmp_path, capsys)
     assert paper[('Vim-S', 'none')] == pytest.approx((7 + 46 / 60 + 16 / 3600, 76.9))
     paper_mem = {(p['model'], p['label']): (p['x'], p['y']) for p in plotted['memory'] if p['source'] == 'paper'}
     assert paper_mem[('Vim-Ti', 'lower')] == (4741, 62.2) and paper_mem[('Vim-S', 'interleaved')] == (10400, 72.8)
+
+
+def test_tradeoff_plot_labels_a_smaller_model_by_its_architecture_and_gives_it_no_paper_points(tmp_path, capsys):
+    write_summary(tmp_path / 'a', TINY, 'no', 0, 0, 52.0, 80.0, 5400, 3000.0)
+    with open(tmp_path / 'a' / 'summary.json') as f:
+        summary = json.load(f)
+    summary['architecture'] = {'depth': 4, 'embed_dim': 32, 'patch_size': 8, 'stride': 8, 'input_size': 32}
+    with open(tmp_path / 'a' / 'summary.json', 'w') as f:
+        json.dump(summary, f)
+    png = tmp_path / 'tradeoff.png'
+    load_collect().main(['--root', str(tmp_path), '--plot', str(png)])
+    capsys.readouterr()
+    with open(tmp_path / 'tradeoff.json') as f:
+        plotted = json.load(f)['time']
+    assert [p['model'] for p in plotted if p['source'] == 'run'] == ['Vim (4 layers, width 32, patch 8)']
+    assert not [p for p in plotted if p['source'] == 'paper' and p['model'] == 'Vim-Ti']
 
 
 def test_tradeoff_plot_without_matplotlib_is_a_usage_error(tmp_path, monkeypatch, capsys):

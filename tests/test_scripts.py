@@ -143,6 +143,18 @@ def test_collect_results_compares_only_runs_of_the_same_setting(tmp_path, capsys
     assert rows[('Vim-Ti', setting(1, 224, 'float32', 1), 'upper (L=1, r=2)')][4:7] == ['-1.0', '-1.0', '0.80']
 
 
+def test_collect_results_skips_summaries_it_cannot_read_and_takes_a_run_as_root(tmp_path, capsys):
+    write_summary(tmp_path / 'run', TINY, 'no', 0, 0, 70.1, 90.6, 60, 100)
+    for name, text in (('broken', '{"model": '), ('empty', '{}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'summary.json').write_text(text)
+    load_collect().main([str(tmp_path / 'broken'), str(tmp_path / 'empty'), str(tmp_path / 'run')])
+    captured = capsys.readouterr()
+    assert captured.err.count('is not one main.py wrote') == 2 and '| Vim-Ti | none | 70.1 |' in captured.out
+    load_collect().main(['--root', str(tmp_path / 'run')])
+    assert '| Vim-Ti | none | 70.1 |' in capsys.readouterr().out
+
+
 def test_model_labels_follow_the_architecture():
     collect = load_collect()
     assert collect.model_label(TINY) == 'Vim-Ti' and collect.model_label(SMALL) == 'Vim-S'
