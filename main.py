@@ -29,10 +29,18 @@ import utils
 
 DEFAULT_MODEL = 'vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2'
 FUSION_STRATEGIES = ('no', 'none', 'all', 'interleaved', 'alternate', 'lower', 'upper')
+SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant', 'rsqrt')  # timm's, but for 'plateau'
 
 
 class UsageError(Exception):
     """Flags, model settings or checkpoints that cannot work together; reported without a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``main.py: error: ...``) in place of the usage block before it."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (main.py --help lists the flags)\n')
 
 
 def get_args_parser():
@@ -84,7 +92,8 @@ def get_args_parser():
     parser.add_argument('--weight-decay', type=float, default=0.05)
 
     # Learning rate schedule (stepped once per epoch, at the epoch's start, unless --sched-on-updates)
-    parser.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
+    parser.add_argument('--sched', default='cosine', choices=SCHEDULES,
+                        help="timm's schedules that step without a metric (not 'plateau')")
     parser.add_argument('--sched-on-updates', action='store_true',
                         help='step the schedule (warmup included) after every update instead of every epoch')
     parser.add_argument('--lr', type=float, default=5e-4, metavar='LR',
@@ -99,7 +108,8 @@ def get_args_parser():
     parser.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
     parser.add_argument('--cooldown-epochs', type=int, default=10, metavar='N',
                         help='accepted for DeiT/Vim command lines; as there, it has no effect (training runs --epochs)')
-    parser.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='plateau schedule')
+    parser.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                        help='accepted for DeiT command lines; no effect (the plateau schedule is not offered)')
     parser.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
 
     # Augmentation
@@ -176,6 +186,20 @@ def check_args(args):
     """Reject combinations that cannot work, before anything is built."""
     if args.batch_size < 1 or args.print_freq < 1:
         raise UsageError(f'--batch-size and --print-freq must be >= 1, got {args.batch_size} and {args.print_freq}')
+    for dest in ('depth', 'embed_dim', 'patch_size', 'input_size'):
+        if getattr(args, dest) is not None and getattr(args, dest) < 1:
+            raise UsageError(f'{flag_name(dest)} must be >= 1, got {getattr(args, dest)}')
+    for dest, low, high in (('drop', 0, 1), ('drop_path', 0, 1), ('smoothing', 0, 1), ('reprob', 0, 1),
+                            ('mixup_prob', 0, 1), ('mixup_switch_prob', 0, 1), ('model_ema_decay', 0, 1)):
+        if not low <= getattr(args, dest) <= high:
+            raise UsageError(f'{flag_name(dest)} must be in [{low}, {high}], got {getattr(args, dest)}')
+    for dest in ('lr', 'min_lr', 'warmup_lr', 'weight_decay', 'mixup', 'cutmix', 'num_workers', 'warmup_epochs'):
+        if getattr(args, dest) < 0:
+            raise UsageError(f'{flag_name(dest)} must be >= 0, got {getattr(args, dest)}')
+    if args.opt.lower().split('_')[-1] not in timm.optim.list_optimizers():
+        raise UsageError(f'unknown --opt {args.opt!r}; timm has: {", ".join(timm.optim.list_optimizers())}')
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise UsageError(f'--finetune {args.finetune}: no such file')
     use_cuda = args.device.startswith('cuda')
     if args.cuda_graph and not use_cuda:
         raise UsageError('--cuda-graph needs --device cuda')
@@ -207,6 +231,13 @@ def check_args(args):
     models = timm.list_models(module='models_mamba')
     if args.model not in models:
         raise UsageError(f'unknown --model {args.model!r}; the models are: {", ".join(models)}')
+    shape_only_model(args)  # the model's own checks of its sizes and fusion settings, before any data is read
+
+
+def shape_only_model(args):
+    """The model the flags build, on the meta device (shapes, no data; instant), with a 1-class head."""
+    with torch.device('meta'):
+        return build_model(args, 1)
 
 
 def resolve_cuda_graph(args):
@@ -292,6 +323,7 @@ RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'log.txt', 'summary.json')
 # --resume (the captured and the eager step train alike)
 BOOKKEEPING_FLAGS = {'resume', 'output_dir', 'data_path', 'start_epoch', 'eval', 'print_freq', 'num_workers',
                      'pin_mem', 'dist_url', 'local_rank', 'rank', 'gpu', 'distributed', 'dist_backend', 'cuda_graph'}
+SHAPE_FLAGS = ('model', 'depth', 'embed_dim', 'patch_size', 'input_size')  # what the weights' shapes follow
 FUSION_DEFAULTS = {'fusion_layer': 0, 'fusion_token': 0, 'fusion_order': 'released', 'fusion_mode': 'mean'}
 STRATEGY_ALIASES = {'none': 'no', 'alternate': 'interleaved'}
 
@@ -427,6 +459,15 @@ def load_checkpoint(args, auto=False):
                              f'with these flags add --resume {path}; for a new run pick an empty --output_dir. '
                              'Nothing was changed')
         print(f'--output_dir {args.output_dir} holds a checkpoint of this run (same flags): resuming from {path}')
+    # the head's shape follows the data set's classes, which are not read yet: resume_state checks it
+    body = [{k: v for k, v in state.items() if not k.startswith('head.')}
+            for state in (shape_only_model(args).state_dict(), checkpoint['model'])]
+    misfit = utils.state_dict_misfit(*body)
+    if misfit:
+        differ = [f'{flag_name(k)} {getattr(args, k)} (checkpoint: {saved_flags[k]})' for k in SHAPE_FLAGS
+                  if k in saved_flags and saved_flags[k] != getattr(args, k)]
+        raise UsageError(f'{what} does not fit the model these flags build'
+                         + (f' ({"; ".join(differ)})' if differ else '') + f': {misfit}')
     changes = model_setting_changes(vars(args), saved_flags)
     if args.eval:
         if not saved_flags:
@@ -482,14 +523,14 @@ def resume_state(args, checkpoint, model, model_ema, optimizer, lr_scheduler, lo
              'resumes': [], 'max_acc1': None, 'max_acc5': None}
     if checkpoint is None:
         return state
-    try:
-        model.load_state_dict(checkpoint['model'])
-        if model_ema is not None:
-            if checkpoint.get('model_ema') is None:
-                raise UsageError(f'{args.resume} holds no EMA weights; resume with --no-model-ema')
-            model_ema.module.load_state_dict(checkpoint['model_ema'])
-    except RuntimeError as e:
-        raise UsageError(f'checkpoint {args.resume} does not fit the model: {e}') from e
+    misfit = utils.state_dict_misfit(model.state_dict(), checkpoint['model'])
+    if misfit:
+        raise UsageError(f'checkpoint {args.resume} does not fit the model: {misfit}')
+    model.load_state_dict(checkpoint['model'])
+    if model_ema is not None:
+        if checkpoint.get('model_ema') is None:
+            raise UsageError(f'{args.resume} holds no EMA weights; resume with --no-model-ema')
+        model_ema.module.load_state_dict(checkpoint['model_ema'])
     print(f'Resumed from {args.resume} (epoch {checkpoint.get("epoch")})')
     if args.eval:
         return state
@@ -533,19 +574,31 @@ def best_record(history):
 
 def repair_output_dir(output_dir, checkpoint_path, epoch, history):
     """On resume (rank 0): put log.txt and best_checkpoint.pth in step with the checkpoint that a kill may have
-    left them behind (log.txt is rewritten from the checkpoint's history, dropping lines past its epoch)."""
+    left them behind (log.txt is rewritten from the checkpoint's history, dropping lines past its epoch), or that
+    --resume brings from another folder (its best_checkpoint.pth is copied along)."""
     utils.atomic_write_json_lines(history, os.path.join(output_dir, 'log.txt'))
     best = best_record(history)
-    if best is None or best['epoch'] != epoch:
-        return  # an older best was saved before the later checkpoints were
+    if best is None:
+        return
     best_path = os.path.join(output_dir, 'best_checkpoint.pth')
+    if _checkpoint_epoch(best_path) == best['epoch']:
+        return
+    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), 'best_checkpoint.pth')
+    source = checkpoint_path if best['epoch'] == epoch else beside
+    if _checkpoint_epoch(source) == best['epoch']:
+        utils.atomic_copy(source, best_path)
+        print(f'Restored {best_path} (epoch {best["epoch"]}) from {source}')
+    else:
+        print(f'Note: no best_checkpoint.pth of epoch {best["epoch"]} (the best so far) beside {checkpoint_path}; '
+              f'{best_path} is written when a later epoch beats it')
+
+
+def _checkpoint_epoch(path):
+    """The epoch a checkpoint file holds, None where there is none or it cannot be read."""
     try:
-        best_epoch = torch.load(best_path, map_location='cpu', weights_only=False, mmap=True).get('epoch')
+        return torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('epoch')
     except Exception:
-        best_epoch = None
-    if best_epoch != epoch:
-        utils.atomic_copy(checkpoint_path, best_path)
-        print(f'Restored {best_path} (epoch {epoch}) from {checkpoint_path}')
+        return None
 
 
 def save_epoch(output_dir, checkpoint, improved):
@@ -606,8 +659,9 @@ def make_summary(args, state, history, *, total_time, peaks, amp_dtype, model, n
         'total_time': utils.format_hms(total_time),
         'max_peak_mem_mib': max(peaks) if peaks else None,
         'best_acc1': best['test_acc1'] if best else (state['max_acc1'] if legacy else None),
-        'best_acc5': max(e['test_acc5'] for e in history) if history else (state['max_acc5'] if legacy else None),
+        'best_acc5': best['test_acc5'] if best else None,   # the best-top-1 epoch's, as best_checkpoint.pth has it
         'best_epoch': best['epoch'] if best else None,
+        'max_acc5': max(e['test_acc5'] for e in history) if history else (state['max_acc5'] if legacy else None),
         'final_acc1': final.get('test_acc1'),
         'final_acc5': final.get('test_acc5'),
         'final_ema_acc1': final.get('test_ema_acc1'),
@@ -658,8 +712,13 @@ def main(args):
     print(f'Creating model: {args.model}')
     model = build_model(args, nb_classes)
     if args.finetune:
-        checkpoint = torch.load(args.finetune, map_location='cpu', weights_only=False)
+        try:
+            checkpoint = torch.load(args.finetune, map_location='cpu', weights_only=False)
+        except Exception as e:  # truncated zip, not a torch file, unpickling errors...
+            raise UsageError(f'--finetune {args.finetune} cannot be read as a checkpoint: {type(e).__name__}') from e
         state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
+        if not isinstance(state, dict):
+            raise UsageError(f'--finetune {args.finetune} holds no state dict (a "model" entry or the weights)')
         try:
             utils.load_finetune_state(model, state, args.finetune_cls_position)
         except ValueError as e:
@@ -730,6 +789,10 @@ def main(args):
         prepare_output_dir(args.output_dir)
         if args.resume:
             repair_output_dir(args.output_dir, args.resume, state['start_epoch'] - 1, history)
+        summary_path = os.path.join(args.output_dir, 'summary.json')
+        if state['start_epoch'] < args.epochs and os.path.exists(summary_path):
+            os.remove(summary_path)  # a finished part's summary: the run goes on, and writes its own at the end
+            print(f'Removed {summary_path} of the epochs before: training goes on (to --epochs {args.epochs})')
 
     print(f'Start training for {args.epochs} epochs')
     start_time = time.time()
@@ -758,6 +821,9 @@ def main(args):
         if device.type == 'cuda':
             # A CUDA graph's private pool is allocated once, at capture: count it in every epoch.
             peak = max(torch.cuda.max_memory_allocated(device), getattr(step, 'capture_peak_bytes', 0)) / 2 ** 20
+        else:
+            peak = utils.peak_rss_mib()
+        if peak is not None:
             log['train_peak_mem_mib'] = peak
             peaks.append(peak)
 
@@ -775,6 +841,9 @@ def main(args):
         max_acc5 = max(max_acc5, test_stats['test_acc5'])
         print(f'Max accuracy: {max_acc1:.2f}%')
         history.append(log)
+        done = epoch + 1 - state['start_epoch']  # epochs of this process, setup included in the first
+        print(f'Epoch {epoch + 1}/{args.epochs} done; the run\'s ETA: '
+              f'{utils.format_hms((time.time() - start_time) / done * (args.epochs - epoch - 1))}')
 
         if args.output_dir and utils.is_main_process():
             checkpoint = {
@@ -807,12 +876,15 @@ def main(args):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('Famba-V training and evaluation script', parents=[get_args_parser()])
+    parser = ArgumentParser('main.py', description='Famba-V training and evaluation', parents=[get_args_parser()])
     cli_args = parser.parse_args()
     try:
         main(cli_args)
     except (UsageError, datasets.DataSetError, engine.NonFiniteLossError) as err:
         sys.exit(f'main.py: error: {err}')
+    except KeyboardInterrupt:  # every file written so far is complete (atomic writes): the same command resumes
+        print('main.py: interrupted', file=sys.stderr)
+        sys.exit(130)
     if dist.is_initialized():  # leave together: a process exiting while a peer still talks to it can abort gloo
         dist.barrier()
         dist.destroy_process_group()

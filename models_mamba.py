@@ -270,8 +270,9 @@ class VisionMamba(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        layer_drop = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()  # Vim: layer i drops the
-        self.layers = nn.ModuleList([                                           # output of layer i-1
+        # Vim: layer i drops the output of layer i-1 (on the CPU whatever the default device: a list of numbers)
+        layer_drop = [0.0] + torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.layers = nn.ModuleList([
             Block(embed_dim, BiMamba(embed_dim, d_state, backend=ssm_backend), layer_drop[i],
                   self.removed_per_layer[i], fusion_order, fusion_mode)
             for i in range(depth)])

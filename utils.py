@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -43,6 +44,17 @@ def setup_for_distributed(is_master):
             builtin_print(*args, **kwargs)
 
     builtins.print = print
+
+
+def peak_rss_mib():
+    """The process's peak resident memory so far in MiB (the CPU's peak memory figure), None where the OS does not
+    say (no ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2 ** 20 if sys.platform == 'darwin' else kib / 2 ** 10  # macOS counts bytes, Linux KiB
 
 
 def slurm_tasks():
@@ -80,8 +92,9 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
     print(f'| distributed init (rank {args.rank}, world {args.world_size}, backend {args.dist_backend}): '
           f'{args.dist_url}', flush=True)
+    device_id = {'device_id': torch.device('cuda', args.gpu)} if args.dist_backend == 'nccl' else {}  # NCCL's GPU
     dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+                            world_size=args.world_size, rank=args.rank, **device_id)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
 
@@ -245,14 +258,21 @@ def load_finetune_state(model, state_dict, ckpt_cls_position='middle'):
         cls_src = 0 if ckpt_cls_position == 'head' else num_patches_src // 2
         state_dict['pos_embed'] = resample_pos_embed(src, cls_src, model.cls_index_init,
                                                      model.patch_embed.num_patches)
-    missing = sorted(k for k in own if k not in state_dict and k not in dropped)
+    misfit = state_dict_misfit(own, state_dict, ignore=dropped)
+    if misfit:
+        raise ValueError(f'checkpoint does not fit the model: {misfit}')
+    model.load_state_dict(state_dict, strict=not dropped)
+    return dropped
+
+
+def state_dict_misfit(own, state_dict, ignore=(), shown=3):
+    """'' when ``state_dict`` has exactly the keys and shapes of ``own`` (a model's state dict), else one line saying
+    how many keys are missing, unexpected or mis-shaped, naming the first ``shown`` of each."""
+    missing = sorted(k for k in own if k not in state_dict and k not in ignore)
     unexpected = sorted(k for k in state_dict if k not in own)
     mismatched = sorted(f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
                         for k in state_dict if k in own and state_dict[k].shape != own[k].shape)
-    if missing or unexpected or mismatched:
-        raise ValueError('checkpoint does not fit the model:'
-                         + (f'\n  missing keys: {missing}' if missing else '')
-                         + (f'\n  unexpected keys: {unexpected}' if unexpected else '')
-                         + (f'\n  size mismatch: {mismatched}' if mismatched else ''))
-    model.load_state_dict(state_dict, strict=not dropped)
-    return dropped
+    parts = [f'{what} ({len(keys)}): {", ".join(keys[:shown])}' + (', ...' if len(keys) > shown else '')
+             for what, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                                ('size mismatch', mismatched)) if keys]
+    return '; '.join(parts)

@@ -199,6 +199,27 @@ def test_a_kill_between_checkpoint_and_log_is_repaired(data, tmp_path, monkeypat
     assert s['final_ema_acc1'] == history[1]['test_ema_acc1']
 
 
+def test_training_on_removes_the_old_summary_and_a_new_folder_gets_the_best_checkpoint(first, data, tmp_path,
+                                                                                        monkeypatch, one_thread):
+    """A finished run extended with more --epochs and killed before its end keeps no summary.json of the shorter
+    run (the log goes further than it); a --resume into another folder brings the best checkpoint along."""
+    out = tmp_path / 'run'
+    shutil.copytree(first[0], out)
+    crash_at(monkeypatch, 'after_log:1')
+    with pytest.raises(Crash):
+        train(data, out, '--epochs', 3, '--resume', out / 'checkpoint.pth')
+    monkeypatch.undo()
+    assert 'summary.json' not in os.listdir(out) and [e['epoch'] for e in read_log(out)] == [0, 1]
+    other = tmp_path / 'other'
+    history = load(out / 'checkpoint.pth')['history']
+    best = 0 if history[0]['test_acc1'] >= history[1]['test_acc1'] else 1
+    # lr 0: epoch 2 has epoch 1's weights and accuracy, so the best stays the first folder's
+    s = train(data, other, '--epochs', 3, '--resume', out / 'checkpoint.pth', '--lr', 0)
+    assert sorted(os.listdir(other)) == RUN_FILES and [e['epoch'] for e in read_log(other)] == [0, 1, 2]
+    assert s['best_epoch'] == best and load(other / 'best_checkpoint.pth')['epoch'] == best
+    assert contents(other)['best_checkpoint.pth'] == contents(out)['best_checkpoint.pth']
+
+
 def test_resume_with_the_schedule_on_updates_continues_like_an_uninterrupted_run(data, tmp_path, monkeypatch,
                                                                                   one_thread):
     flags = TRAIN + ['--sched-on-updates', '--warmup-epochs', 1, '--no-model-ema']
@@ -280,17 +301,41 @@ def test_bad_flags_are_reported_before_the_data_and_the_model(first, tmp_path):
              (['--model', 'vim_tiny'], "unknown --model 'vim_tiny'; the models are: .*" + main.DEFAULT_MODEL),
              (['--epochs', 0], '--epochs must be >= 1, got 0'),
              (['--output_dir', tmp_path / 'a_file' / 'out'], f'{tmp_path / "a_file"} is a file, not a folder'),
-             (['--output_dir', tmp_path / 'a_file', '--eval', '--resume', out / 'checkpoint.pth'], 'is a file')]
+             (['--output_dir', tmp_path / 'a_file', '--eval', '--resume', out / 'checkpoint.pth'], 'is a file'),
+             (['--depth', 0], '--depth must be >= 1, got 0'),
+             (['--patch-size', 64], 'cannot build .*img_size=32 is smaller than patch_size=64'),
+             (['--drop-path', 2], r'--drop-path must be in \[0, 1\], got 2.0'),
+             (['--lr', -1], '--lr must be >= 0, got -1.0'),
+             (['--num_workers', -1], '--num_workers must be >= 0, got -1'),
+             (['--opt', 'nosuch'], "unknown --opt 'nosuch'; timm has: .*adamw"),
+             (['--fusion-layer', 7], 'cannot build .*fusion_layer'),
+             (['--finetune', tmp_path / 'gone.pth'], 'no such file'),
+             (['--epochs', 2, '--resume', out / 'checkpoint.pth', '--depth', 3],
+              r'does not fit the model these flags build \(--depth 3 \(checkpoint: 4\)\): unexpected keys \(17\)'),
+             (['--eval', '--resume', out / 'checkpoint.pth', '--embed-dim', 48],
+              r'\(--embed-dim 48 \(checkpoint: 32\)\): size mismatch \(\d+\): cls_token: checkpoint')]
     for extra, message in cases:
         with pytest.raises(main.UsageError, match=message):
             train(nodata, tmp_path / 'out', '--epochs', 1, *extra)
     assert sorted(os.listdir(tmp_path)) == ['a_file']
 
 
+def test_a_finetune_file_that_is_no_checkpoint_is_a_usage_error(data, tmp_path):
+    (tmp_path / 'notes.pth').write_text('not a checkpoint\n')
+    torch.save([1, 2], tmp_path / 'list.pth')
+    for name, message in (('notes.pth', 'cannot be read as a checkpoint: '), ('list.pth', 'holds no state dict')):
+        with pytest.raises(main.UsageError, match=f'--finetune {tmp_path / name} {message}'):
+            train(data, tmp_path / 'out', '--epochs', 1, '--finetune', tmp_path / name)
+    assert not (tmp_path / 'out').exists()
+
+
 def test_main_py_reports_a_bad_resume_file_in_one_line(tmp_path):
     proc = run(TINY_MODEL + QUIET + ['--resume', tmp_path / 'gone.pth', '--epochs', 1], check=False)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f'main.py: error: --resume {tmp_path / "gone.pth"}: no such file'
+    proc = run(TINY_MODEL + QUIET + ['--epochs', 'abc'], check=False)  # argparse's errors: one line as well
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "main.py: error: argument --epochs: invalid int value: 'abc' (main.py --help lists the flags)"]
 
 
 @pytest.mark.parametrize('amp_dtype, advice', [(None, None), (torch.float16, ', or train with --no_amp (fp32) or '

@@ -124,5 +124,8 @@ def test_finetune_names_keys_that_do_not_fit():
     with pytest.raises(ValueError) as err:
         utils.load_finetune_state(dst, src, 'head')
     msg = str(err.value)
-    assert "missing keys: ['norm_f.weight']" in msg and "unexpected keys: ['extra.weight']" in msg
-    assert 'layers.0.mixer.D' in msg
+    assert msg == ('checkpoint does not fit the model: missing keys (1): norm_f.weight; unexpected keys (1): '
+                   'extra.weight; size mismatch (1): layers.0.mixer.D: checkpoint (3,) vs model (32,)')
+    shallow = {k: v for k, v in dst.state_dict().items() if not k.startswith('layers.1.')}
+    misfit = utils.state_dict_misfit(dst.state_dict(), shallow)
+    assert misfit.startswith('missing keys (17): layers.1.') and misfit.count('layers.1.') == 3 and misfit.endswith('...')
