@@ -4,7 +4,7 @@
 #   NGPUS        processes/GPUs of the second run                 [2]
 #   MODES        benchmark.py modes                               [ddp ddp-eager]: the captured and the eager step
 #   OUTPUT_ROOT  where the JSON goes                              [./output/ddp_benchmark]
-#   LAUNCHER     torchrun, or launch: torch.distributed.launch --use_env (README's form) on MASTER_PORT [torchrun]
+#   LAUNCHER     torchrun, or launch: torch.distributed.launch --use_env (README's form)  [torchrun]
 # Arguments are passed to benchmark.py (default: Vim-Ti and Vim-S, none / all r7 / upper L4 r9, fp32).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ ARGS=(--models "$TINY" "$SMALL" --strategies none all:7 upper:4:9 --precisions f
 [[ $# -gt 0 ]] && ARGS=("$@")
 case "${LAUNCHER:-torchrun}" in
     torchrun) LAUNCH=(-m torch.distributed.run --standalone) ;;
-    launch) LAUNCH=(-m torch.distributed.launch --use_env --master_port="${MASTER_PORT:-29500}") ;;
+    launch) LAUNCH=(-m torch.distributed.launch --use_env --standalone) ;;  # standalone: a free port
     *) echo "ddp_benchmark.sh: error: LAUNCHER must be torchrun or launch, got '$LAUNCHER'" >&2; exit 2 ;;
 esac
 for n in 1 "$NGPUS"; do

@@ -41,7 +41,7 @@ def launch(nproc, launcher, flags, env=None, check=True):
     if launcher == 'torchrun':
         prefix = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     else:
-        prefix = ['-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}', '--use_env']
+        prefix = ['-m', 'torch.distributed.launch', '--standalone', f'--nproc_per_node={nproc}', '--use_env']
     cmd = [sys.executable] + prefix + ['main.py'] + flags
     print('==>', ' '.join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, **(env or {})))

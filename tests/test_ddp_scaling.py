@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline_helpers import REPO, free_port
+from pipeline_helpers import REPO
 
 
 def load_scaling():
@@ -36,7 +36,7 @@ def test_ddp_benchmark_script_runs_one_and_two_processes(launcher, tmp_path):
     tiny = ['--device', 'cpu', '--depth', '2', '--embed-dim', '16', '--patch-size', '8', '--input-size', '32',
             '--batch-sizes', '2', '--steps', '1', '--warmup', '1', '--strategies', 'none', 'all:3']
     env = dict(os.environ, NGPUS='2', MODES='ddp-eager', OUTPUT_ROOT=str(tmp_path), OMP_NUM_THREADS='1',
-               PYTHON=sys.executable, LAUNCHER=launcher, MASTER_PORT=str(free_port()))
+               PYTHON=sys.executable, LAUNCHER=launcher)
     proc = subprocess.run(['bash', 'scripts/ddp_benchmark.sh', *tiny], cwd=REPO, env=env, text=True,
                           capture_output=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

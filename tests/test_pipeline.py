@@ -149,7 +149,8 @@ def test_missing_data_path_is_reported_with_the_path(tmp_path):
 def test_bad_settings_fail_before_training(data, tmp_path):
     import main
     parser = main.get_args_parser()
-    base = [str(a) for a in TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', data]]
+    base = [str(a) for a in TINY_MODEL + QUIET + ['--data-set', 'CIFAR', '--data-path', data,
+                                                  '--output_dir', tmp_path / 'out']]
     with pytest.raises(main.UsageError, match='fusion_layer'):  # the model's ValueError, passed on
         main.main(parser.parse_args(base + ['--fusion-strategy', 'upper', '--fusion-layer', '7']))
     with pytest.raises(main.UsageError, match='--cuda-graph needs --device cuda'):

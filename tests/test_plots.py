@@ -16,7 +16,6 @@ from pipeline_helpers import QUIET, REPO, TINY_MODEL, write_cifar100
 from test_scripts import SMALL, TINY, load_collect, write_summary
 from test_token_fusion import held
 
-pytest.importorskip('matplotlib')
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 

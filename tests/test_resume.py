@@ -157,7 +157,7 @@ def test_resuming_a_finished_run_reports_it_and_trains_nothing(first, data, tmp_
         assert s[key] == summary[key], key
     assert s['final_acc1'] is not None and read_summary(runs)['final_acc1'] == summary['final_acc1']
     elapsed = load(runs / 'checkpoint.pth')['elapsed_s']
-    assert elapsed <= s['total_time_s'] < elapsed + 2
+    assert elapsed <= s['total_time_s'] < elapsed + 30  # nothing left to train: only the setup's seconds
     assert {n: b for n, b in contents(runs).items() if n != 'summary.json'} == \
         {n: b for n, b in before.items() if n != 'summary.json'}  # checkpoints and log untouched
 

@@ -90,13 +90,12 @@ def _worker(rank, world, init_file, results):
         dist.destroy_process_group()
 
 
-def test_flat_all_reduce_over_two_processes_equals_one_process_on_both_batches(tmp_path):
+def test_flat_all_reduce_over_two_processes_equals_one_process_on_both_batches(tmp_path, one_thread):
     world = 2
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(world, str(tmp_path / 'init'), results), nprocs=world)
         results = dict(results)
-    torch.set_num_threads(1)
     initial = torch.cat([p.detach().flatten() for p in make_model().parameters()])
     for opt in OPTIMIZERS:
         flat = results[0][('flat', opt)]
