@@ -230,7 +230,7 @@ def test_source_map_through_the_kernels_is_the_hand_worked_one(monkeypatch, case
 
 @pytest.mark.parametrize("cls_position, order", [("head", "released"), ("middle", "released"), ("middle", "spatial")])
 def test_model_source_maps_with_kernel_fusion_equal_the_torch_path(monkeypatch, source_maps_both_ways,
-                                                                   cls_position, order):
+                                                                   matching_margins, cls_position, order):
     """A tiny Vim's per-layer source maps with the fusion on kernels/fusion.py (forced on, interpreted on the CPU)
     equal those of the torch fusion, layer for layer."""
     import models_mamba
@@ -246,3 +246,4 @@ def test_model_source_maps_with_kernel_fusion_equal_the_torch_path(monkeypatch, 
         assert torch.equal(a.cpu(), b.cpu()), layer
     assert int(maps[0][-1].max()) + 1 == 17 - 4 * 3
     assert len(calls) == (4 if order == "released" else 0)  # the kernel matching ran in each fused layer
+    assert len(matching_margins) == (4 if order == "released" else 8) and min(matching_margins) > 1e-5
