@@ -170,7 +170,8 @@ def main(argv=None):
     parser.add_argument('folders', nargs='*', help='run folders holding summary.json')
     parser.add_argument('--root', help='use every sub-folder of ROOT that holds a summary.json')
     parser.add_argument('--metric', choices=['best', 'final'], default='best',
-                        help='best: the epoch of the highest top-1 (DeiT "Max accuracy"), with its top-5; final: the last epoch')
+                        help='best: the epoch of the highest top-1 (DeiT "Max accuracy"), with its top-5; '
+                             'final: the last epoch')
     parser.add_argument('--plot', metavar='FILE.png', help='also draw the accuracy-efficiency trade-off '
                         '(scripts/tradeoff_plot.py; FILE.json beside it lists the plotted points)')
     args = parser.parse_args(argv)

@@ -128,4 +128,5 @@ def test_finetune_names_keys_that_do_not_fit():
                    'extra.weight; size mismatch (1): layers.0.mixer.D: checkpoint (3,) vs model (32,)')
     shallow = {k: v for k, v in dst.state_dict().items() if not k.startswith('layers.1.')}
     misfit = utils.state_dict_misfit(dst.state_dict(), shallow)
-    assert misfit.startswith('missing keys (17): layers.1.') and misfit.count('layers.1.') == 3 and misfit.endswith('...')
+    assert misfit.startswith('missing keys (17): layers.1.') and misfit.count('layers.1.') == 3
+    assert misfit.endswith('...')
