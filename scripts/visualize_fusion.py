@@ -98,10 +98,10 @@ def build(args):
     utils.seed_everything(args.seed)
     model = main.build_model(args, classes)
     if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise VisualizeError(f'checkpoint {args.resume} does not fit the model: {e}') from e
+        misfit = utils.state_dict_misfit(model.state_dict(), state)
+        if misfit:
+            raise VisualizeError(f'checkpoint {args.resume} does not fit the model: {misfit}')
+        model.load_state_dict(state)
         origin = f'weights: {args.resume}'
         if changes:  # drawn as asked (what these settings would fuse in that model), and said so
             print(f'visualize_fusion.py: warning: model settings differ from the checkpoint\'s: {"; ".join(changes)}',

@@ -120,6 +120,8 @@ def test_visualize_fusion_says_when_the_checkpoint_was_trained_with_other_settin
     assert 'warning: model settings differ' in capsys.readouterr().err
     with pytest.raises(vf.VisualizeError, match='cannot be read as a checkpoint'):
         vf.build(vf.get_args_parser().parse_args(flags + ['--resume', str(tmp_path / 'junk.pth')]))
+    with pytest.raises(vf.VisualizeError, match=r'does not fit the model: size mismatch \(\d+\): cls_token'):
+        vf.build(vf.get_args_parser().parse_args(flags + ['--embed-dim', '48', '--resume', str(tmp_path / 'ckpt.pth')]))
 
 
 def test_visualize_fusion_default_layers_spread_over_the_fused_ones():
