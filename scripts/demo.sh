@@ -36,7 +36,9 @@ else
     echo "CIFAR-100 is not available here, so this demo trains on scikit-learn's handwritten digits instead"
     echo "(1,797 real 8x8 scans of 10 digits, upscaled to 32x32; a much smaller and easier task than CIFAR-100)."
     "$PY" scripts/prepare_digits.py --out ./datasets/digits
-    DATA=(--data-set FOLDER --data-path ./datasets/digits --aa none --reprob 0 --mixup 0 --cutmix 0 --smoothing 0)
+    # no augmentation for 8x8 scans, so no repeated augmentation either (it would repeat identical images)
+    DATA=(--data-set FOLDER --data-path ./datasets/digits --aa none --reprob 0 --mixup 0 --cutmix 0 --smoothing 0
+          --no-repeated-aug)
     EPOCHS="${EPOCHS:-10}"
 fi
 
