@@ -441,11 +441,9 @@ def load_checkpoint(args, auto=False):
     if os.path.getsize(path) == 0:
         raise UsageError(f'{what} is empty (0 bytes): it is not a finished checkpoint')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:  # truncated zip, not a torch file, unpickling errors...
-        reason = (str(e).strip().splitlines() or [''])[0]
-        raise UsageError(f'{what} cannot be read as a checkpoint (truncated, or not written by torch.save): '
-                         f'{type(e).__name__}: {reason}') from e
+        checkpoint = utils.read_checkpoint(path)
+    except ValueError as e:
+        raise UsageError(f'{what} {e}') from e
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
         raise UsageError(f'{what} is not a checkpoint of main.py (no "model" weights in it); '
                          'plain weights are loaded with --finetune')
@@ -713,9 +711,9 @@ def main(args):
     model = build_model(args, nb_classes)
     if args.finetune:
         try:
-            checkpoint = torch.load(args.finetune, map_location='cpu', weights_only=False)
-        except Exception as e:  # truncated zip, not a torch file, unpickling errors...
-            raise UsageError(f'--finetune {args.finetune} cannot be read as a checkpoint: {type(e).__name__}') from e
+            checkpoint = utils.read_checkpoint(args.finetune)
+        except ValueError as e:
+            raise UsageError(f'--finetune {args.finetune} {e}') from e
         state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
         if not isinstance(state, dict):
             raise UsageError(f'--finetune {args.finetune} holds no state dict (a "model" entry or the weights)')

@@ -265,6 +265,17 @@ def load_finetune_state(model, state_dict, ckpt_cls_position='middle'):
     return dropped
 
 
+def read_checkpoint(path):
+    """torch.load(path) onto the CPU; a file torch cannot read (truncated, not a torch file, unpicklable) raises
+    ValueError with one line saying why."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f'cannot be read as a checkpoint (truncated, or not written by torch.save): '
+                         f'{type(e).__name__}: {reason}') from e
+
+
 def state_dict_misfit(own, state_dict, ignore=(), shown=3):
     """'' when ``state_dict`` has exactly the keys and shapes of ``own`` (a model's state dict), else one line saying
     how many keys are missing, unexpected or mis-shaped, naming the first ``shown`` of each."""

@@ -88,9 +88,9 @@ def build(args):
         if not os.path.isfile(args.resume):
             raise VisualizeError(f'--resume {args.resume}: no such file')
         try:
-            checkpoint = torch.load(args.resume, map_location='cpu', weights_only=False)
-        except Exception as e:  # truncated zip, not a torch file, unpickling errors...
-            raise VisualizeError(f'--resume {args.resume} cannot be read as a checkpoint: {type(e).__name__}') from e
+            checkpoint = utils.read_checkpoint(args.resume)
+        except ValueError as e:
+            raise VisualizeError(f'--resume {args.resume} {e}') from e
         state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
         changes = main.model_setting_changes(vars(args), main.checkpoint_flags(checkpoint)) \
             if isinstance(checkpoint, dict) else []
