@@ -25,34 +25,49 @@ def _forward_backward(model, criterion, samples, targets, amp_dtype, loss_scaler
     return loss.detach()
 
 
-def _update(params, optimizer, loss_scaler, clip_grad):
+def _update(params, optimizer, loss_scaler, clip_grad, skip_nonfinite=False):
     """Clipping and the optimizer step. With fp16 loss scaling the gradients are unscaled first where clipping
-    needs them, the step is skipped when they hold inf/NaN, and the scale is updated."""
+    needs them, the step is skipped when they hold inf/NaN, and the scale is updated. ``skip_nonfinite``
+    (--if_continue_inf) skips such a step without loss scaling too, as Vim skips a step whose loss is not finite.
+    It looks at the gradients, which every process holds averaged, so that all processes skip alike: on the device
+    for torch's fused AdamW/Adam (their found_inf flag, as the loss scaler sets it), else by reading their norm."""
+    params = list(params)
     if loss_scaler is not None and clip_grad is not None:
         loss_scaler.unscale_(optimizer)
-    if clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    if loss_scaler is None:
-        optimizer.step()
-    else:
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad is not None else None
+    if loss_scaler is not None:
         loss_scaler.step(optimizer)
         loss_scaler.update()
+    elif not skip_nonfinite:
+        optimizer.step()
+    else:
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = torch.isfinite(norm).logical_not().float()  # 0-dim, as the steps are
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif torch.isfinite(norm):  # one host sync per step
+            optimizer.step()
 
 
 class EagerTrainStep:
     """One training step op by op (under DistributedDataParallel when ``model`` is wrapped in it): for
     debugging, the CPU, and whatever cannot be captured."""
 
-    def __init__(self, model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad):
+    def __init__(self, model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad, skip_nonfinite=False):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.amp_dtype, self.loss_scaler, self.clip_grad = amp_dtype, loss_scaler, clip_grad
+        self.skip_nonfinite = skip_nonfinite
         self.setup_s, self.setup_steps = 0.0, 0  # the first CUDA step: Triton compiles, cuDNN benchmarks
 
     def __call__(self, samples, targets):
         first = self.setup_steps == 0 and samples.is_cuda
         start = time.perf_counter()
         loss = _forward_backward(self.model, self.criterion, samples, targets, self.amp_dtype, self.loss_scaler)
-        _update(self.model.parameters(), self.optimizer, self.loss_scaler, self.clip_grad)
+        _update(self.model.parameters(), self.optimizer, self.loss_scaler, self.clip_grad, self.skip_nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
         if first:
             torch.cuda.synchronize()
@@ -87,11 +102,12 @@ class CapturedTrainStep:
     """
 
     def __init__(self, model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad, process_group=None,
-                 warmup=3, capture=True):
+                 warmup=3, capture=True, skip_nonfinite=False):
         if isinstance(model, DistributedDataParallel):
             raise ValueError("the captured step averages gradients itself: pass the model without DDP")
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.amp_dtype, self.loss_scaler, self.clip_grad = amp_dtype, loss_scaler, clip_grad
+        self.skip_nonfinite = skip_nonfinite
         self.group, self.warmup, self.capture = process_group, warmup, capture
         self.capture_update = capture and all(g.get("capturable") and g.get("fused") for g in optimizer.param_groups)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -120,7 +136,7 @@ class CapturedTrainStep:
     def _update(self):
         if self.group is not None:
             self.flat_grad.div_(dist.get_world_size(self.group))
-        _update(self.params, self.optimizer, self.loss_scaler, self.clip_grad)
+        _update(self.params, self.optimizer, self.loss_scaler, self.clip_grad, self.skip_nonfinite)
 
     def _eager(self):
         loss = self._forward_backward()
@@ -193,12 +209,14 @@ class CapturedTrainStep:
 
 
 def build_train_step(model, criterion, optimizer, *, amp_dtype, loss_scaler, clip_grad, cuda_graph,
-                     process_group=None):
+                     process_group=None, skip_nonfinite=False):
     """step(samples, targets) -> loss: one optimisation step, captured (``cuda_graph``; gradients averaged over
-    ``process_group`` if given) or eager (``model`` wrapped in DDP for several processes)."""
+    ``process_group`` if given) or eager (``model`` wrapped in DDP for several processes). ``skip_nonfinite``:
+    a step whose gradients are not finite changes nothing (--if_continue_inf; see _update)."""
     if cuda_graph:
-        return CapturedTrainStep(model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad, process_group)
-    return EagerTrainStep(model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad)
+        return CapturedTrainStep(model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad, process_group,
+                                 skip_nonfinite=skip_nonfinite)
+    return EagerTrainStep(model, criterion, optimizer, amp_dtype, loss_scaler, clip_grad, skip_nonfinite)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -173,7 +173,8 @@ def get_args_parser():
     parser.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'],
                         help='autocast dtype; float16 uses loss scaling')
     parser.add_argument('--if_continue_inf', action='store_true', default=False,
-                        help='keep training when the loss is NaN/inf instead of stopping')
+                        help='keep training when the loss is NaN/inf instead of stopping; a step whose gradients '
+                             'are not finite then changes nothing (as in Vim)')
     parser.add_argument('--cuda-graph', action=argparse.BooleanOptionalAction, default=None,
                         help='train with the step captured in CUDA graphs (default on CUDA; the update is '
                              'captured with AdamW/Adam and runs eagerly after the replay with other optimizers; '
@@ -781,7 +782,8 @@ def main(args):
 
     step = engine.build_train_step(model, criterion, optimizer, amp_dtype=amp_dtype, loss_scaler=loss_scaler,
                                    clip_grad=args.clip_grad, cuda_graph=args.cuda_graph,
-                                   process_group=dist.group.WORLD if several and args.cuda_graph else None)
+                                   process_group=dist.group.WORLD if several and args.cuda_graph else None,
+                                   skip_nonfinite=args.if_continue_inf)
     history = state['history']
     if args.output_dir and utils.is_main_process():
         prepare_output_dir(args.output_dir)

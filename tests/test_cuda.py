@@ -5,6 +5,7 @@ Each kernel path and the pure-PyTorch path of the whole Vim-Ti model agree (fp32
 gradient), for every strategy, and give the same gradients twice; the captured training step (fp32, bf16, fp16 with loss scaling; one process
 and over NCCL) trains like the eager step, follows the learning rate the scheduler writes, skips a step whose
 fp16 gradients overflow, and is captured while a loader thread pins memory."""
+import math
 import threading
 
 import pytest
@@ -103,11 +104,12 @@ def test_default_kernels_give_the_same_gradients_twice(amp_dtype):
 
 
 def _train(cuda_graph, steps, lr_at, amp_dtype=None, process_group=None, ddp=False, overflow_at=None, fused=None,
-           opt_name="adamw"):
+           opt_name="adamw", nan_at=None):
     """Parameters after each step of a small fused Vim; fp16 gets a loss scaler, whose scale is set so high
     before step ``overflow_at`` that the gradients overflow (that step must be skipped, and the scale goes back
     to the initial 2^16). ``fused``: the AdamW kernel (default: main.py's, fused for the captured step); ``opt_name``
-    "sgd": SGD with momentum, whose update the captured step runs eagerly after the replay."""
+    "sgd": SGD with momentum, whose update the captured step runs eagerly after the replay. ``nan_at``: that step's
+    images are NaN, and the step skips non-finite updates (--if_continue_inf)."""
     torch.manual_seed(0)
     model = timm.create_model(VIM_TI, num_classes=10, drop_path_rate=0.0, depth=6,
                               fusion_strategy="upper", fusion_layer=1, fusion_token=9).cuda()
@@ -120,7 +122,8 @@ def _train(cuda_graph, steps, lr_at, amp_dtype=None, process_group=None, ddp=Fal
     scaler = torch.amp.GradScaler("cuda", backoff_factor=2.0 ** -24) if fp16 else None
     step = build_train_step(torch.nn.parallel.DistributedDataParallel(model) if ddp else model,
                             torch.nn.CrossEntropyLoss(), opt, amp_dtype=amp_dtype, loss_scaler=scaler,
-                            clip_grad=1.0, cuda_graph=cuda_graph, process_group=process_group)
+                            clip_grad=1.0, cuda_graph=cuda_graph, process_group=process_group,
+                            skip_nonfinite=nan_at is not None)
     g = torch.Generator(device="cuda").manual_seed(1)
     losses, snapshots, scales = [], [], []
     for i in range(steps):
@@ -130,6 +133,8 @@ def _train(cuda_graph, steps, lr_at, amp_dtype=None, process_group=None, ddp=Fal
             scaler._scale.fill_(2.0 ** 40)  # in place: the captured graphs read this tensor
         x = torch.randn(8, 3, 224, 224, device="cuda", generator=g)
         y = torch.randint(0, 10, (8,), device="cuda", generator=g)
+        if i == nan_at:
+            x = torch.full_like(x, float("nan"))
         losses.append(step(x, y).item())
         snapshots.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
         scales.append(scaler.get_scale() if fp16 else None)
@@ -177,6 +182,17 @@ def test_captured_forward_backward_with_an_eager_sgd_update_trains_like_eager(am
     if amp_dtype == torch.float16:
         assert graph_scales == eager_scales and graph_scales[8] == 2.0 ** 16
         assert torch.equal(graph_params[8], graph_params[7])
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["captured", "eager"])
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_if_continue_inf_skips_a_nonfinite_step_on_the_device(cuda_graph, amp_dtype):
+    """No loss scaler: the fused AdamW's found_inf flag skips a step of NaN images (after warm-up and capture, so a
+    replay), and the next step trains again."""
+    losses, params, _ = _train(cuda_graph, 10, lambda i: 1e-3, amp_dtype, fused=True, nan_at=8)
+    assert math.isnan(losses[8]) and all(math.isfinite(v) for i, v in enumerate(losses) if i != 8)
+    assert torch.equal(params[8], params[7]) and torch.isfinite(params[9]).all()
+    assert not torch.equal(params[9], params[8])
 
 
 def test_captured_step_over_nccl_equals_eager_ddp():

@@ -99,3 +99,31 @@ def test_train_step_matches_a_manual_sgd_step():
     assert loss.dim() == 0 and loss.item() == pytest.approx(ref_loss.item())
     assert torch.allclose(model.weight, ref.weight)
     assert model.weight.grad is None or not model.weight.grad.any()  # gradients zeroed for the next step
+
+
+@pytest.mark.parametrize('kind', ['eager', 'captured-uncaptured'])
+@pytest.mark.parametrize('clip_grad', [None, 1.0])
+def test_if_continue_inf_skips_a_step_whose_gradients_are_not_finite(kind, clip_grad):
+    """fp32, no loss scaler: a batch with a NaN gives NaN gradients; with skip_nonfinite (--if_continue_inf) that
+    step changes neither the weights nor AdamW's state, so training goes on exactly as without that batch."""
+    def run(batches, skip):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        if kind == 'eager':
+            step = engine.EagerTrainStep(model, torch.nn.CrossEntropyLoss(), opt, None, None, clip_grad, skip)
+        else:  # the captured step's parts run eagerly (capture=False), as its CPU tests do
+            step = engine.CapturedTrainStep(model, torch.nn.CrossEntropyLoss(), opt, None, None, clip_grad,
+                                            capture=False, skip_nonfinite=skip)
+        for x, y in batches:
+            step(x, y)
+        return [p.detach().clone() for p in model.parameters()], opt.state_dict()['state']
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(4)]
+    poisoned = batches[:2] + [(torch.full((4, 3), math.nan), batches[0][1])] + batches[2:]
+    want, want_state = run(batches, skip=True)
+    got, got_state = run(poisoned, skip=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert [s['step'] for s in got_state.values()] == [s['step'] for s in want_state.values()] == [4.0, 4.0]
+    unguarded, _ = run(poisoned, skip=False)  # the update of the NaN step ruins the weights for good
+    assert not all(torch.isfinite(p).all() for p in unguarded)
