@@ -123,8 +123,10 @@ def ratio(a, b):
     return None if a is None or not b else a / b
 
 
-def make_table(runs, metric='best'):
-    """Markdown table; ``metric`` picks best (max over epochs) or final (last epoch) accuracy."""
+def compare_with_baselines(runs, metric='best'):
+    """Sort the runs as the table lists them and give each, as run['vs_none'], its change against the no-fusion
+    run of its setting: {'top1', 'top5' (points), 'time', 'memory' (ratios)}, each None where unknown; None
+    for a run without such a run. Returns the sorted list."""
     key1, key5 = f'{metric}_acc1', f'{metric}_acc5'
     for r in runs:
         r.setdefault('arch', architecture(r['summary']))
@@ -139,6 +141,21 @@ def make_table(runs, metric='best'):
                 print(f"{r['folder']}: another no-fusion run of the same setting; comparing with "
                       f"{baseline[key]['folder']}", file=sys.stderr)
             baseline.setdefault(key, r)
+    for r in runs:
+        s, base = r['summary'], baseline.get(_key(r['setting']))
+        base = base and base['summary']
+        r['vs_none'] = base and {
+            'top1': None if s[key1] is None or base[key1] is None else s[key1] - base[key1],
+            'top5': None if s[key5] is None or base[key5] is None else s[key5] - base[key5],
+            'time': ratio(s['total_time_s'], base['total_time_s']),
+            'memory': ratio(s.get('max_peak_mem_mib'), base.get('max_peak_mem_mib'))}
+    return runs
+
+
+def make_table(runs, metric='best'):
+    """Markdown table of runs as compare_with_baselines returns them; ``metric`` picks best (the epoch of the
+    highest top-1) or final (last epoch) accuracy."""
+    key1, key5 = f'{metric}_acc1', f'{metric}_acc5'
     # the settings (beyond those in the model label) in which the runs differ get a column of their own
     shown = set(ARCH_FIELDS[:4]) | {'model'}
     varying = sorted(k for k in set().union(*(r['setting'] for r in runs)) - shown
@@ -148,21 +165,23 @@ def make_table(runs, metric='best'):
                                                             'time vs none', 'memory vs none']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
     for r in runs:
-        s, base = r['summary'], baseline.get(_key(r['setting']))
-        base = base and base['summary']
-        d1 = d5 = t_ratio = m_ratio = None
-        if base is not None:
-            d1 = None if s[key1] is None or base[key1] is None else s[key1] - base[key1]
-            d5 = None if s[key5] is None or base[key5] is None else s[key5] - base[key5]
-            t_ratio = ratio(s['total_time_s'], base['total_time_s'])
-            m_ratio = ratio(s.get('max_peak_mem_mib'), base.get('max_peak_mem_mib'))
+        s, vs = r['summary'], r['vs_none'] or {}
         label = model_label(r['model'], r['arch'])
         if varying:
             label += ' | ' + ', '.join(f"{k}={r['setting'].get(k)}" for k in varying)
         lines.append(f"| {label} | {strategy_label(r)} | {fmt(s[key1], '.1f')} | "
                      f"{fmt(s[key5], '.1f')} | {hms(s['total_time_s'])} | {fmt(s.get('max_peak_mem_mib'), '.0f')} | "
-                     f"{fmt(d1, '+.1f')} | {fmt(d5, '+.1f')} | {fmt(t_ratio, '.2f')} | {fmt(m_ratio, '.2f')} |")
+                     f"{fmt(vs.get('top1'), '+.1f')} | {fmt(vs.get('top5'), '+.1f')} | {fmt(vs.get('time'), '.2f')} | "
+                     f"{fmt(vs.get('memory'), '.2f')} |")
     return '\n'.join(lines)
+
+
+def tradeoff_runs(runs, metric='best'):
+    """What scripts/tradeoff_plot.py draws of runs as compare_with_baselines returns them."""
+    return [{'model': model_label(r['model'], r['arch']), 'label': strategy_label(r),
+             'top1': r['summary'][f'{metric}_acc1'], 'total_time_s': r['summary']['total_time_s'],
+             'max_peak_mem_mib': r['summary'].get('max_peak_mem_mib'),
+             'vs_none': r['vs_none'] if r['strategy'] != 'no' else None} for r in runs]
 
 
 def main(argv=None):
@@ -182,16 +201,13 @@ def main(argv=None):
     runs = load_runs(folders)
     if not runs:
         parser.error('no summary.json found in the given folders')
+    runs = compare_with_baselines(runs, args.metric)
     print(make_table(runs, args.metric))
     if args.plot:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import tradeoff_plot
         try:
-            tradeoff_plot.plot_tradeoff([{'model': model_label(r['model'], r['arch']), 'label': strategy_label(r),
-                                          'top1': r['summary'][f'{args.metric}_acc1'],
-                                          'total_time_s': r['summary']['total_time_s'],
-                                          'max_peak_mem_mib': r['summary'].get('max_peak_mem_mib')} for r in runs],
-                                        args.plot)
+            tradeoff_plot.plot_tradeoff(tradeoff_runs(runs, args.metric), args.plot)
         except ImportError as e:
             parser.error(str(e))
 

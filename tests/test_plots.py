@@ -157,6 +157,65 @@ def test_tradeoff_plot_points_are_the_summaries_and_the_papers(tmp_path, capsys)
     assert paper[('Vim-S', 'none')] == pytest.approx((7 + 46 / 60 + 16 / 3600, 76.9))
     paper_mem = {(p['model'], p['label']): (p['x'], p['y']) for p in plotted['memory'] if p['source'] == 'paper'}
     assert paper_mem[('Vim-Ti', 'lower')] == (4741, 62.2) and paper_mem[('Vim-S', 'interleaved')] == (10400, 72.8)
+    # the lower panels: fused runs against their no-fusion run (Vim-S lower has none), the paper against its own
+    assert runs('time_vs_none') == [('Vim-Ti', 'upper (L=4, r=8)', pytest.approx(4000 / 5400), -1.75)]
+    assert runs('memory_vs_none') == [('Vim-Ti', 'upper (L=4, r=8)', pytest.approx(2100.0 / 3000.5), -1.75)]
+    paper_rel = {(p['model'], p['label']): (p['x'], p['y']) for p in plotted['time_vs_none'] if p['source'] == 'paper'}
+    assert sorted(paper_rel) == sorted((m, s) for m in ('Vim-Ti', 'Vim-S') for s in ('all', 'interleaved', 'lower',
+                                                                                      'upper'))
+    assert paper_rel[('Vim-Ti', 'upper')] == pytest.approx((14920 / 16382, 0.4))  # 4:08:40 / 4:33:02
+    assert paper_rel[('Vim-S', 'lower')] == pytest.approx((20076 / 27976, -7.9))  # 5:34:36 / 7:46:16
+    paper_rel_mem = {(p['model'], p['label']): (p['x'], p['y'])
+                     for p in plotted['memory_vs_none'] if p['source'] == 'paper'}
+    assert paper_rel_mem[('Vim-S', 'all')] == pytest.approx((10657 / 16439, -8.0))
+
+
+def tradeoff_figure(folder):
+    """(Figure, points) that collect_results --plot draws of the runs below folder."""
+    collect = load_collect()
+    runs = collect.compare_with_baselines(collect.load_runs(sorted(str(p) for p in folder.iterdir())))
+    return load_script('tradeoff_plot').draw_tradeoff(collect.tradeoff_runs(runs))
+
+
+def test_tradeoff_plot_labels_cover_no_other_label_and_no_marker(tmp_path):
+    """Ten runs of two models beside the paper's twenty points: every label lies inside its panel and overlaps
+    neither another label nor any marker (what the placement exists for: with every label at the same offset,
+    'paper lower' and 'paper all' of Vim-Ti collide)."""
+    paper = load_script('tradeoff_plot').PAPER_TABLE1
+    for model, name in ((TINY, 'Vim-Ti'), (SMALL, 'Vim-S')):
+        for strategy, acc1, hms, mem in paper[name]:
+            h, m, s = (int(v) for v in hms.split(':'))
+            write_summary(tmp_path / f'{name}_{strategy}', model, 'no' if strategy == 'none' else strategy,
+                          4, 9, acc1 - 1.5, 90.0, (h * 3600 + m * 60 + s) * 0.8, mem * 0.95)
+    fig, _ = tradeoff_figure(tmp_path)
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72
+    for ax in fig.axes:
+        frame = ax.get_window_extent(renderer)
+        labels = [t.get_window_extent(renderer) for t in ax.texts]
+        markers = [(x, y) for line in ax.get_lines() if line.get_marker() not in ('None', '')
+                   for x, y in ax.transData.transform(np.column_stack([line.get_xdata(), line.get_ydata()]))]
+        assert len(labels) >= 10
+        for i, box in enumerate(labels):
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            assert not any(box.overlaps(other) for other in labels[i + 1:]), ax.get_title()
+            r = 3.5 * px  # the markers' radius: 7 points across
+            assert not any(box.x0 < x + r and x - r < box.x1 and box.y0 < y + r and y - r < box.y1
+                           for x, y in markers), ax.get_title()
+
+
+def test_tradeoff_plot_time_axis_is_logarithmic_only_beside_runs_far_shorter_than_the_papers(tmp_path):
+    """3-minute runs beside the paper's 4-hour ones would sit in one corner of a linear axis: the time panel turns
+    logarithmic (ticks at whole minutes and hours); runs of the paper's length keep it linear."""
+    write_summary(tmp_path / 'short' / 'a', TINY, 'no', 0, 0, 33.3, 85.2, 190, 5629)
+    write_summary(tmp_path / 'short' / 'b', TINY, 'upper', 4, 8, 37.0, 88.2, 144, 3489)
+    fig, _ = tradeoff_figure(tmp_path / 'short')
+    time_ax, memory_ax = fig.axes[:2]
+    assert time_ax.get_xscale() == 'log' and memory_ax.get_xscale() == 'linear'
+    assert [t.get_text() for t in time_ax.get_xticklabels()][:3] == ['0:02', '0:05', '0:10']
+    write_summary(tmp_path / 'long' / 'a', TINY, 'no', 0, 0, 70.0, 90.0, 4 * 3600, 8000)
+    fig, _ = tradeoff_figure(tmp_path / 'long')
+    assert fig.axes[0].get_xscale() == 'linear'
 
 
 def test_tradeoff_plot_labels_a_smaller_model_by_its_architecture_and_gives_it_no_paper_points(tmp_path, capsys):
