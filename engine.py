@@ -5,12 +5,13 @@ lives in the step object built by ``build_train_step``, so that the same loop dr
 eager step. The loop never reads the loss on every step: losses are summed on the device and read (one
 sync) every ``print_freq`` steps and at the end of the epoch, where finiteness is checked.
 """
-import datetime
 import time
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+import utils
 
 CAPTURED_UPDATE_OPTS = ('adamw', 'adam')  # torch's fused AdamW/Adam take device learning rates and loss-scaling flags
 
@@ -233,10 +234,6 @@ def _all_reduce_sum(tensor):
     return tensor
 
 
-def _hms(seconds):
-    return str(datetime.timedelta(seconds=int(round(seconds))))
-
-
 def _precision_advice(amp_dtype):
     if amp_dtype is None:  # already fp32: nothing to switch off
         return ''
@@ -284,7 +281,7 @@ def train_one_epoch(model, step, data_loader, optimizer, device, epoch, *, mixup
         running = loss_sum / n_finite if n_finite else float('nan')
         print(f'Epoch: [{epoch}] [{i + 1:>{len(str(num_steps))}}/{num_steps}]  '
               f'loss: {window_loss:.4f} ({running:.4f})  lr: {optimizer.param_groups[0]["lr"]:.6f}  '
-              f'img/s: {window_images / max(now - window_start, 1e-9):.1f}  eta: {_hms(eta)}'
+              f'img/s: {window_images / max(now - window_start, 1e-9):.1f}  eta: {utils.format_hms(eta)}'
               + (f'  non-finite steps: {n_nonfinite}' if n_nonfinite else ''), flush=True)
         window_images, window_steps, window_start = 0, 0, now
 
