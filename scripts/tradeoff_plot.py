@@ -39,7 +39,7 @@ PANELS = {
 }
 LOG_SPAN = 20  # an axis whose largest value is more than this times its smallest is drawn on a log scale
 LOG_TICKS = {'time': [m / 60 for m in (1, 2, 5, 10, 20, 60, 120, 240, 480, 960, 1920, 3840)],  # hours
-             'memory': [m * 10 ** e for e in range(1, 7) for m in (1, 2, 5)]}  # MiB
+             'memory': [m * 10 ** e for e in range(1, 7) for m in (1, 3)]}  # MiB
 # where a label may sit, nearest first, in points from its marker; a negative x ends the text left of the marker
 LABEL_OFFSETS = ((4, 3), (4, -10), (-4, 3), (-4, -10), (4, 11), (-4, 11), (4, -18), (-4, -18), (0, 19), (0, -26),
                  (4, 19), (-4, 19), (4, -26), (-4, -26), (0, 27), (0, -34))
@@ -85,6 +85,7 @@ def _log_scale_if_wide(ax, panel, xs):
     ax.set_xlabel(ax.get_xlabel() + ', log scale')
     low, high = ax.get_xlim()
     ax.xaxis.set_major_locator(FixedLocator([t for t in LOG_TICKS[panel] if low <= t <= high]))
+    ax.xaxis.set_major_formatter(FuncFormatter(_h_mm if panel == 'time' else lambda v, _pos: f'{v:.0f}'))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
 
@@ -166,7 +167,8 @@ def draw_tradeoff(runs):
         _log_scale_if_wide(ax, panel, [x for line in series if line.axes is ax for x in line.get_xdata()])
         if panel == 'time':
             ax.xaxis.set_major_formatter(FuncFormatter(_h_mm))
-    axes['memory'].legend(fontsize=7, loc='best')
+    # every run has a time, not every one a memory figure: the legend lists the time panel's series
+    axes['memory'].legend(*axes['time'].get_legend_handles_labels(), fontsize=7, loc='best')
     fig.tight_layout()
     for panel, ax in axes.items():
         marks = [(x, y) for line in ax.get_lines() if line.get_marker() not in ('None', None, '')
