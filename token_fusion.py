@@ -209,7 +209,8 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     """One Famba-V fusion step on both streams.
 
     hidden: (B, T, C) normalised hidden states (also the similarity metric); residual: (B, T, C) residual
-    stream; r: tokens to remove (<= (T - 1) // 2); cls_index: class-token position (int, (B,) tensor or None);
+    stream; r: tokens to remove, capped at (T - 1) // 2 (T // 2 without a class token); cls_index: class-token
+    position (int, (B,) tensor or None);
     size: (B, T, 1) token sizes for mode="size" (None = all ones); source: None (not tracked) or the (B, T_in)
     source map of the tokens entering this step (identity_source for the first).
     Returns (hidden, residual, cls_index, size, source), each stream (B, T - r, C); size is None for mode="mean",
@@ -218,6 +219,7 @@ def fuse(hidden, residual, r, cls_index=0, size=None, order="released", mode="me
     if mode not in MODES:
         raise ValueError(f"fusion mode must be one of {MODES}, got {mode!r}")
     num_tokens = hidden.shape[1]
+    r = min(r, (num_tokens - (cls_index is not None)) // 2)  # beyond it, matching would have to take the class token
     if r and num_tokens == 3 and cls_index is not None and not (isinstance(cls_index, int) and cls_index != 1):
         raise ValueError("cannot fuse a 3-token sequence whose class token may sit at position 1: set B would "
                          "hold only the class token")

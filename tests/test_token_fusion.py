@@ -343,6 +343,25 @@ def test_fuse_matches_naive_loop(tokens, r, cls_kind):
                 assert s is None
 
 
+@pytest.mark.parametrize("cls", [0, 3, None])
+def test_fuse_caps_r_as_the_schedule_does(cls):
+    """r above (T - 1) // 2 (T // 2 without a class token) removes only that many, as the naive loop at the cap:
+    the matching never reaches the class token's -inf row (uncapped, T = 7 and r = 4 fused it)."""
+    gen = torch.Generator().manual_seed(7)
+    hidden, residual = torch.randn(2, 7, 5, dtype=F64, generator=gen), torch.randn(2, 7, 5, dtype=F64, generator=gen)
+    cap = 3
+    for order in ("released", "spatial"):
+        h, res, cls_out, _, source = token_fusion.fuse(hidden, residual, cap + 1 + (cls is None), cls, order=order,
+                                                       source=token_fusion.identity_source(2, 7))
+        nh, nr, ncls, _ = naive_fuse(hidden, residual, cap, cls, None, order, "mean")
+        assert h.shape == (2, 7 - cap, 5)
+        assert torch.allclose(h, nh, rtol=1e-12, atol=1e-12) and torch.allclose(res, nr, rtol=1e-12, atol=1e-12)
+        if cls is not None:
+            assert cls_list(cls_out, 2) == ncls
+            for b in range(2):  # the class token's output token holds the class token alone
+                assert (source[b] == ncls[b]).nonzero().flatten().tolist() == [cls]
+
+
 def test_fuse_refuses_when_class_token_would_be_alone_in_set_b():
     """T = 3 with the class token at 1: B = {class token}, so no A token has a partner; fusing would average an A
     token into the class token. fuse() refuses, and so does a model whose schedule reaches that case
