@@ -31,8 +31,8 @@ def _update(params, optimizer, loss_scaler, clip_grad, skip_nonfinite=False):
     needs them, the step is skipped when they hold inf/NaN, and the scale is updated. ``skip_nonfinite``
     (--if_continue_inf) skips such a step without loss scaling too, as Vim skips a step whose loss is not finite.
     It looks at the gradients, which every process holds averaged, so that all processes skip alike: on the device
-    for torch's fused AdamW/Adam (their found_inf flag, as the loss scaler sets it), else by reading their norm."""
-    params = list(params)
+    for torch's fused AdamW/Adam (their found_inf flag, as the loss scaler sets it), else by reading their norm.
+    params: a list (it is read twice)."""
     if loss_scaler is not None and clip_grad is not None:
         loss_scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad is not None else None
@@ -62,13 +62,14 @@ class EagerTrainStep:
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.amp_dtype, self.loss_scaler, self.clip_grad = amp_dtype, loss_scaler, clip_grad
         self.skip_nonfinite = skip_nonfinite
+        self.params = list(model.parameters())  # once, not a new list every step
         self.setup_s, self.setup_steps = 0.0, 0  # the first CUDA step: Triton compiles, cuDNN benchmarks
 
     def __call__(self, samples, targets):
         first = self.setup_steps == 0 and samples.is_cuda
         start = time.perf_counter()
         loss = _forward_backward(self.model, self.criterion, samples, targets, self.amp_dtype, self.loss_scaler)
-        _update(self.model.parameters(), self.optimizer, self.loss_scaler, self.clip_grad, self.skip_nonfinite)
+        _update(self.params, self.optimizer, self.loss_scaler, self.clip_grad, self.skip_nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
         if first:
             torch.cuda.synchronize()
