@@ -191,3 +191,28 @@ def test_kernel_attribution_sums_each_kernel_under_the_op_that_launched_it():
     assert kernels[('add_k', 'aten::add', 'null', 'null', 'null')] == [1.0, 1]
     assert kernels[('orphan', '?', 'null', 'null', 'null')] == [2.0, 1]
     assert len(kernels) == 3
+
+
+def test_host_floor_records_the_backward_and_replays_the_update(one_thread):
+    """host_floor's recorder sees the calls below autograd, the backward's and the optimizer's too, and its replay
+    makes them again: an SGD step replayed applies the recorded gradient once more."""
+    spec = importlib.util.spec_from_file_location('host_floor', os.path.join(REPO, 'scripts', 'host_floor.py'))
+    host_floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_floor)
+    import torch
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4, bias=False)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5, foreach=False)
+    w0 = layer.weight.detach().clone()
+    recorder = host_floor.StepRecorder(record_launches=False)
+    with recorder:
+        layer(torch.randn(3, 8)).square().sum().backward()
+        optimizer.step()
+    names = [call.overloadpacket.__name__ for _, call, _, _ in recorder.calls]
+    assert names.count('mm') == 2    # forward, and the weight's gradient in backward (the input needs none)
+    kinds = dict(zip(names, (kind for kind, *_ in recorder.calls)))
+    assert kinds['t'] == 'meta' and kinds['mm'] == 'compute' and kinds['add_'] == 'compute'
+    w1 = layer.weight.detach().clone()
+    host_floor.replay(recorder.calls)
+    assert torch.allclose(layer.weight.detach() - w1, w1 - w0, rtol=0, atol=1e-6)
+    assert not torch.equal(w1, w0)
