@@ -22,8 +22,9 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 import benchmark  # noqa: E402
+import host_profile  # noqa: E402
 from kernels.launch import Launcher  # noqa: E402
 
 ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
@@ -102,21 +103,8 @@ def enqueue_ms(fns, repeats):
     return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
 
 
-def measure(model_name, fusion, precision, repeats, profile=False):
-    import timm
-    from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from engine import build_train_step
-    torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True
-    model = timm.create_model(model_name, num_classes=100, drop_path_rate=0.0, **fusion).cuda().train()
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=5e-4, weight_decay=0.1, fused=True)
-    step = build_train_step(model, SoftTargetCrossEntropy(), optimizer, amp_dtype=benchmark.PRECISIONS[precision],
-                            loss_scaler=None, clip_grad=None, cuda_graph=False)
-    x = torch.randn(128, 3, 224, 224, device="cuda")
-    y = torch.randn(128, 100, device="cuda").softmax(-1)
-    for _ in range(5):
-        step(x, y)
+def measure(fusion, precision, repeats, profile=False):
+    step, x, y = host_profile.eager_step(fusion, precision)
     recorder = StepRecorder()
     with recorder:
         step(x, y)
@@ -164,7 +152,7 @@ def measure_all(args):
     floors = []
     for precision in args.precisions:
         for fusion in args.strategies:
-            r = measure(args.model, fusion, precision, args.repeats, args.profile)
+            r = measure(fusion, precision, args.repeats, args.profile)
             floors.append(r)
             print(f"{precision} {r['strategy']:<16} enqueue ms, median (min): "
                   + ", ".join(f"{label} {r[f'{name}_ms']:.1f} ({r[f'{name}_min_ms']:.1f})" for name, label in (
@@ -175,7 +163,6 @@ def measure_all(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")
     p.add_argument("--strategies", nargs="+", type=benchmark.parse_strategy,
                    default=[benchmark.parse_strategy(s) for s in ("none", "all:7", "lower:19:9")])
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])

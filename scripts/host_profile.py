@@ -21,11 +21,13 @@ import models_mamba  # noqa: E402,F401
 from engine import build_train_step  # noqa: E402
 
 
-def main(strategy, layer, token, precision):
+def eager_step(fusion, precision):
+    """The eager Vim-Ti step as benchmark.py's eager mode builds it, warmed up, with its fixed batch: (step, x, y).
+    fusion: the model's fusion_strategy / fusion_layer / fusion_token; precision: 'fp32' or 'bf16'."""
+    torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     model = timm.create_model('vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2',
-                              num_classes=100, drop_path_rate=0.0, fusion_strategy=strategy,
-                              fusion_layer=int(layer), fusion_token=int(token)).cuda()
+                              num_classes=100, drop_path_rate=0.0, **fusion).cuda()
     optimizer = create_optimizer_v2(model, opt='adamw', lr=5e-4, weight_decay=0.1, fused=True)  # as main.py
     step = build_train_step(model, SoftTargetCrossEntropy(), optimizer, loss_scaler=None, clip_grad=None,
                             amp_dtype={'fp32': None, 'bf16': torch.bfloat16}[precision], cuda_graph=False)
@@ -33,6 +35,12 @@ def main(strategy, layer, token, precision):
     y = torch.randn(128, 100, device='cuda').softmax(-1)
     for _ in range(5):
         step(x, y)
+    return step, x, y
+
+
+def main(strategy, layer, token, precision):
+    step, x, y = eager_step(dict(fusion_strategy=strategy, fusion_layer=int(layer), fusion_token=int(token)),
+                            precision)
     enqueue = []
     for _ in range(10):  # from an idle GPU: the time until the step is enqueued is the host's
         torch.cuda.synchronize()
